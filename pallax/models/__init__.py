@@ -1,0 +1,1 @@
+"""pallax.models (see the project issues for its scope)."""

@@ -1,0 +1,156 @@
+"""Pieces shared by pallax's Mosaic GPU kernels.
+
+Kernels here follow one pattern (as jax's ``attention_mgpu.py``): a CTA runs
+``num_compute_wgs`` compute warpgroups plus one memory warpgroup that streams
+blocks through a ring of shared-memory slots with TMA. The ring is driven by
+:func:`produce`, and the consumers walk the same ``[lo, hi)`` step range so
+both sides agree on which slot holds which step.
+
+Nothing here queries the device at trace time, so every kernel can be lowered
+for CUDA on a CPU-only machine (see :mod:`pallax.testing`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+LOG2E = 1.4426950408889634
+MEMORY_WG_REGISTERS = 40
+COMPUTE_WG_REGISTERS = 232
+
+
+def smem_transforms(dtype) -> tuple[Any, ...]:
+    """Tiling + 128-byte swizzle, the layout wgmma and TMA want for 2D operands."""
+    swizzle_elems = 128 // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(128))
+
+
+def cdiv(a, b):
+    """Ceil division that works on Python ints and traced int32 scalars."""
+    if isinstance(a, int) and isinstance(b, int):
+        return -(-a // b)
+    return lax.div(a + b - 1, jnp.asarray(b, jnp.int32))
+
+
+def floordiv(a, b: int):
+    """Floor division of a non-negative traced int32 scalar by a static int."""
+    return lax.div(a, jnp.asarray(b, jnp.int32))
+
+
+def clamp(x, lo, hi):
+    return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def mma(a, b, shape: tuple[int, int]) -> jax.Array:
+    """``a @ b`` on the tensor cores into a fresh fp32 accumulator.
+
+    We add the result to a running accumulator in registers instead of
+    accumulating in place with ``pl.run_state``: GPU interpret mode (our CPU
+    test path) does not support ``run_state``, and the extra fp32 add is cheap.
+    """
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def mma_from_registers(x, staging_smem, b, shape: tuple[int, int]) -> jax.Array:
+    """``x @ b`` where ``x`` is a register array, staged through shared memory.
+
+    wgmma can read its A operand from registers on the GPU, but GPU interpret
+    mode cannot, and we keep a single code path that the CPU tests exercise.
+    ``staging_smem`` is reused each step; the previous wgmma reading it has
+    completed because :func:`mma` waits for its result.
+    """
+    staging_smem[...] = x.astype(staging_smem.dtype)
+    plgpu.commit_smem()  # Make the generic-proxy stores visible to wgmma.
+    return mma(staging_smem, b, shape)
+
+
+def zeros(shape, layout=plgpu.Layout.WGMMA, value=0.0) -> jax.Array:
+    return plgpu.layout_cast(jnp.full(shape, value, jnp.float32), layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """One operand streamed by the memory warpgroup through a ring of slots.
+
+    ``source(step)`` returns the GMEM ref view to copy for ``step``; ``smem``
+    has a leading slot dimension; ``loaded``/``consumed`` are barrier arrays
+    with one barrier per slot (``consumed`` counts one arrival per compute wg).
+    """
+
+    source: Callable[[jax.Array], Any]
+    smem: Any
+    loaded: Any
+    consumed: Any
+
+
+def produce(streams: Sequence[Stream], lo, hi, num_slots: int) -> None:
+    """Memory-warpgroup loop: TMA steps ``[lo, hi)`` of every stream into its ring.
+
+    Step ``s`` lands in slot ``(s - lo) % num_slots``; the first ``num_slots``
+    steps are issued at once, later ones wait for the slot to be released.
+    """
+    plgpu.set_max_registers(MEMORY_WG_REGISTERS, action="decrease")
+
+    def issue(step, slot):
+        for stream in streams:
+            plgpu.copy_gmem_to_smem(
+                stream.source(step), stream.smem.at[slot], stream.loaded.at[slot]
+            )
+
+    for slot in range(num_slots):
+        pl.when(lo + slot < hi)(lambda slot=slot: issue(lo + slot, slot))
+
+    @pl.loop(lo + num_slots, jnp.maximum(hi, lo + num_slots))
+    def _refill(step):
+        slot = slot_of(step, lo, num_slots)
+        for stream in streams:
+            plgpu.barrier_wait(stream.consumed.at[slot])
+            plgpu.copy_gmem_to_smem(
+                stream.source(step), stream.smem.at[slot], stream.loaded.at[slot]
+            )
+
+    # Observe the releases of the last steps too, so every barrier phase is
+    # waited on (GPU interpret mode checks this; on the GPU it is free, the
+    # memory warpgroup has nothing left to do).
+    @pl.loop(jnp.maximum(hi - num_slots, lo), hi)
+    def _drain(step):
+        for stream in streams:
+            plgpu.barrier_wait(stream.consumed.at[slot_of(step, lo, num_slots)])
+
+
+def slot_of(step, lo, num_slots: int):
+    return lax.rem(step - lo, jnp.asarray(num_slots, jnp.int32))
+
+
+def ring_barriers(num_slots: int, num_streams: int, num_consumers: int):
+    """(loaded, consumed) barrier arrays for ``num_streams`` rings."""
+    loaded = tuple(plgpu.Barrier(num_barriers=num_slots) for _ in range(num_streams))
+    consumed = tuple(
+        plgpu.Barrier(num_arrivals=num_consumers, num_barriers=num_slots)
+        for _ in range(num_streams)
+    )
+    return loaded, consumed
+
+
+def three_phase_loop(lo, full_lo, full_hi, hi, step_fn, carry):
+    """Runs ``step_fn(step, carry, masked)`` over ``[lo, hi)``.
+
+    Steps in ``[full_lo, full_hi)`` need no mask (the block lies entirely inside
+    the attention window), so they take the cheaper unmasked path.
+    """
+    carry = lax.fori_loop(lo, full_lo, lambda s, c: step_fn(s, c, True), carry)
+    carry = lax.fori_loop(full_lo, full_hi, lambda s, c: step_fn(s, c, False), carry)
+    return lax.fori_loop(full_hi, hi, lambda s, c: step_fn(s, c, True), carry)

@@ -1,0 +1,207 @@
+"""Windowed dot-product attention: one public op, Mosaic GPU kernel or XLA.
+
+``dot_product_attention`` mirrors ``jax.nn.dot_product_attention`` (layout
+``[batch, seq, heads, head_dim]``, ``is_causal``, ``local_window_size``, GQA)
+and adds ``implementation="mosaic"``: the Pallas Hopper kernels of
+:mod:`pallax.pallas_kernels.attention_mgpu`, whose cost grows with
+``seq x window`` rather than ``seq^2``.
+
+One deliberate difference from ``jax.nn``: a query row that can see no key at
+all (possible with windows and unequal lengths) yields zeros, not the mean of
+``value``; both implementations here agree on that.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallax.pallas_kernels import attention_mgpu
+from pallax.pallas_kernels.attention_mgpu import AttentionConfig, Window
+
+Implementation = Literal["mosaic", "xla"] | None
+
+
+def normalize_window(
+    is_causal: bool, local_window_size: int | tuple[int, int] | None, q_len: int, kv_len: int
+) -> tuple[int, int]:
+    """Returns static ``(left, right)``; "unbounded" is clamped to ``q_len + kv_len``."""
+    unbounded = q_len + kv_len
+    left = right = unbounded
+    if local_window_size is not None:
+        if isinstance(local_window_size, (int, np.integer)):
+            window = (int(local_window_size), int(local_window_size))
+        else:
+            window = tuple(local_window_size)
+            if len(window) != 2 or not all(isinstance(w, (int, np.integer)) for w in window):
+                raise ValueError(
+                    f"local_window_size must be an int or a (left, right) pair of ints, "
+                    f"got {local_window_size!r}"
+                )
+        if min(window) < 0:
+            raise ValueError(f"local_window_size must be non-negative, got {local_window_size!r}")
+        left, right = min(int(window[0]), unbounded), min(int(window[1]), unbounded)
+    if is_causal:
+        right = min(right, 0)
+    return left, right
+
+
+def _check_inputs(query, key, value):
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.ndim != 4:
+            raise ValueError(
+                f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape {x.shape}"
+            )
+    b, _, num_heads, head_dim = query.shape
+    kb, kv_len, num_kv_heads, k_dim = key.shape
+    if value.shape != key.shape:
+        raise ValueError(f"value shape {value.shape} must equal key shape {key.shape}")
+    if kb != b:
+        raise ValueError(f"batch mismatch: query {query.shape} vs key {key.shape}")
+    if k_dim != head_dim:
+        raise ValueError(f"head_dim mismatch: query {query.shape} vs key {key.shape}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(
+            f"kv heads ({num_kv_heads}, key {key.shape}) must divide query heads "
+            f"({num_heads}, query {query.shape})"
+        )
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(
+            f"query/key/value dtypes must match, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if not jnp.issubdtype(query.dtype, jnp.floating):
+        raise ValueError(f"attention needs floating-point inputs, got {query.dtype}")
+
+
+def mosaic_supports(query, key) -> str | None:
+    """``None`` if the Mosaic kernel handles these inputs, else the reason it does not."""
+    if jnp.dtype(query.dtype) not in attention_mgpu.SUPPORTED_DTYPES:
+        return f"dtype {query.dtype} (Mosaic kernel supports bfloat16/float16)"
+    if query.shape[-1] not in attention_mgpu.SUPPORTED_HEAD_DIMS:
+        return f"head_dim {query.shape[-1]} (Mosaic kernel supports 64/128/256)"
+    return None
+
+
+def on_hopper() -> bool:
+    """True when the default backend is an sm_90 GPU (H100/H200)."""
+    try:
+        device = jax.devices()[0]
+    except RuntimeError:
+        return False
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")) == "9.0"
+
+
+def attention_reference(query, key, value, *, scale: float, left: int, right: int):
+    """XLA attention in fp32 softmax with the window mask; differentiable by autodiff.
+
+    Shapes: query ``[B, T, H, D]``, key/value ``[B, S, K, D]`` -> ``[B, T, H, D]``.
+    """
+    b, q_len, num_heads, head_dim = query.shape
+    kv_len, num_kv_heads = key.shape[1], key.shape[2]
+    group = num_heads // num_kv_heads
+    q = query.reshape(b, q_len, num_kv_heads, group, head_dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, key, preferred_element_type=jnp.float32)
+    logits = logits * scale
+    offsets = jnp.arange(kv_len)[None, :] - jnp.arange(q_len)[:, None]
+    mask = (offsets >= -left) & (offsets <= right)
+    logits = jnp.where(mask, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    unnormalized = jnp.exp(logits - jax.lax.stop_gradient(row_max))
+    denom = unnormalized.sum(axis=-1, keepdims=True)
+    probs = unnormalized / jnp.where(denom == 0, 1.0, denom)
+    out = jnp.einsum(
+        "bkgts,bskd->btkgd", probs.astype(value.dtype), value, preferred_element_type=jnp.float32
+    )
+    return out.reshape(query.shape).astype(query.dtype)
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _pad_seq(x, length: int):
+    if x.shape[1] == length:
+        return x
+    return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _mosaic_attention(query, key, value, scale, window: Window, config: AttentionConfig):
+    return _mosaic_forward(query, key, value, scale, window, config)[0]
+
+
+def _mosaic_forward(query, key, value, scale, window, config):
+    q_pad = _round_up(window.q_len, config.q_multiple)
+    kv_pad = _round_up(window.kv_len, config.kv_multiple)
+    q, k, v = _pad_seq(query, q_pad), _pad_seq(key, kv_pad), _pad_seq(value, kv_pad)
+    out, lse = attention_mgpu.forward(q, k, v, window=window, scale=scale, config=config)
+    return out[:, : window.q_len], (q, k, v, out, lse)
+
+
+def _mosaic_attention_bwd(scale, window, config, residuals, d_out):
+    q, k, v, out, lse = residuals
+    do = _pad_seq(d_out.astype(q.dtype), q.shape[1])
+    dq, dk, dv = attention_mgpu.backward(
+        q, k, v, out, lse, do, window=window, scale=scale, config=config
+    )
+    return dq[:, : window.q_len], dk[:, : window.kv_len], dv[:, : window.kv_len]
+
+
+_mosaic_attention.defvjp(
+    lambda q, k, v, scale, window, config: _mosaic_forward(q, k, v, scale, window, config),
+    _mosaic_attention_bwd,
+)
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    local_window_size: int | tuple[int, int] | None = None,
+    implementation: Implementation = None,
+    config: AttentionConfig | None = None,
+) -> jax.Array:
+    """Scaled dot-product attention with causal / sliding-window masks and GQA.
+
+    Args:
+      query: ``[batch, q_len, num_heads, head_dim]``.
+      key, value: ``[batch, kv_len, num_kv_heads, head_dim]``, ``num_kv_heads``
+        dividing ``num_heads``.
+      scale: logit scale, default ``1/sqrt(head_dim)``.
+      is_causal: query ``i`` sees keys ``j <= i`` (positions counted from 0 in
+        both sequences, as in ``jax.nn.dot_product_attention``).
+      local_window_size: ``w`` or ``(left, right)``: query ``i`` sees keys
+        ``[i - left, i + right]``; combined with ``is_causal`` by intersection.
+      implementation: ``None`` (Mosaic kernel on Hopper for bf16/fp16, XLA
+        otherwise), ``"mosaic"`` or ``"xla"``.
+      config: tile sizes for the Mosaic kernel; default from head_dim.
+
+    Returns:
+      ``[batch, q_len, num_heads, head_dim]`` in ``query.dtype``.
+    """
+    _check_inputs(query, key, value)
+    q_len, kv_len, head_dim = query.shape[1], key.shape[1], query.shape[-1]
+    left, right = normalize_window(is_causal, local_window_size, q_len, kv_len)
+    scale = float(1.0 / np.sqrt(head_dim) if scale is None else scale)
+    if implementation not in (None, "mosaic", "xla"):
+        raise ValueError(
+            f"implementation must be None, 'mosaic' or 'xla', got {implementation!r}"
+        )
+    unsupported = mosaic_supports(query, key)
+    if implementation == "mosaic" and unsupported:
+        raise ValueError(f"implementation='mosaic' does not support {unsupported}")
+    if implementation is None:
+        implementation = "mosaic" if (on_hopper() and not unsupported) else "xla"
+    if implementation == "xla":
+        return attention_reference(query, key, value, scale=scale, left=left, right=right)
+    config = config or AttentionConfig.for_head_dim(head_dim)
+    window = Window(left=left, right=right, q_len=q_len, kv_len=kv_len)
+    return _mosaic_attention(query, key, value, scale, window, config)

@@ -1,0 +1,623 @@
+"""Windowed FlashAttention forward and backward for Hopper (Pallas Mosaic GPU).
+
+Mask semantics are those of ``jax.nn.dot_product_attention``: query ``i`` may
+attend key ``j`` iff ``i - left <= j <= i + right`` and ``j < kv_len``
+(``is_causal`` is ``right = 0``; no window is ``left = right = infinity``,
+represented by any value >= ``q_len + kv_len``).
+
+Work is proportional to ``seq x window``: every CTA computes the range of key
+blocks (forward, dQ) or query blocks (dK/dV) that intersect its window and the
+memory warpgroup only streams those. Within that range, blocks entirely inside
+the window take an unmasked fast path.
+
+Layouts: q/o ``[batch, q_len, q_heads, head_dim]``, k/v
+``[batch, kv_len, kv_heads, head_dim]``; the log-sum-exp residual is base 2 of
+the scaled logits, ``[batch, q_heads, q_len]``. Fully masked rows produce zeros
+and ``lse = +inf`` (so the backward pass gives them zero gradient).
+
+Inputs must already be padded to the tile multiples (the wrapper in
+:mod:`pallax.pallas_kernels.attention` does this); ``q_len``/``kv_len`` are the
+unpadded lengths used for masking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from pallax.pallas_kernels import _mgpu
+from pallax.pallas_kernels._mgpu import (
+    LOG2E,
+    Stream,
+    cdiv,
+    clamp,
+    floordiv,
+    mma,
+    mma_from_registers,
+    zeros,
+)
+
+NUM_COMPUTE_WGS = 2  # Two consumer warpgroups per CTA, ping-ponged as in FA3.
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Tile sizes. Rows per CTA are ``2 * block_q`` (one block per compute wg)."""
+
+    block_q: int = 64
+    block_kv: int = 128
+    max_concurrent_steps: int = 2
+    block_q_bwd: int = 64
+    block_kv_bwd: int = 64
+    max_concurrent_steps_bwd: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
+            value = getattr(self, name)
+            if value <= 0 or value % 64:
+                raise ValueError(f"{name}={value} must be a positive multiple of 64")
+        for name in ("max_concurrent_steps", "max_concurrent_steps_bwd"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 2")
+
+    @staticmethod
+    def for_head_dim(head_dim: int) -> AttentionConfig:
+        """Heuristic tiles that fit shared memory and registers on H100."""
+        if head_dim > 128:
+            return AttentionConfig(block_kv=64)
+        return AttentionConfig()
+
+    @property
+    def q_rows_per_cta(self) -> int:
+        return NUM_COMPUTE_WGS * self.block_q
+
+    @property
+    def q_multiple(self) -> int:
+        """q_len must be padded to this (forward and backward tiles)."""
+        import math
+
+        return math.lcm(NUM_COMPUTE_WGS * self.block_q, self.block_q_bwd * NUM_COMPUTE_WGS)
+
+    @property
+    def kv_multiple(self) -> int:
+        import math
+
+        return math.lcm(self.block_kv, NUM_COMPUTE_WGS * self.block_kv_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """Static mask geometry: key ``j`` is visible to query ``i`` iff
+    ``i - left <= j <= i + right``, ``j < kv_len``."""
+
+    left: int
+    right: int
+    q_len: int
+    kv_len: int
+
+    def key_range(self, q_start, num_rows):
+        """Keys ``[lo, hi)`` that rows ``[q_start, q_start + num_rows)`` may see."""
+        lo = jnp.maximum(q_start - self.left, 0)
+        hi = jnp.minimum(q_start + num_rows + self.right, self.kv_len)
+        return lo, jnp.maximum(hi, lo)
+
+    def query_range(self, k_start, num_keys):
+        """Queries ``[lo, hi)`` (unpadded) that see keys ``[k_start, k_start + num_keys)``."""
+        lo = jnp.maximum(k_start - self.right, 0)
+        hi = jnp.minimum(k_start + num_keys + self.left, self.q_len)
+        return lo, jnp.maximum(hi, lo)
+
+    def mask(self, q_ids, k_ids):
+        d = k_ids - q_ids
+        return (d >= -self.left) & (d <= self.right) & (k_ids < self.kv_len)
+
+
+def _block_range(lo, hi, block: int):
+    """Blocks of size ``block`` covering element range ``[lo, hi)``."""
+    first = floordiv(lo, block)
+    return first, jnp.maximum(cdiv(hi, block), first)
+
+
+def _unmasked_kv_blocks(window: Window, q_start, block_q: int, block_kv: int, lo, hi):
+    """KV blocks in ``[lo, hi)`` that every row of ``[q_start, q_start+block_q)`` sees fully."""
+    first = cdiv(jnp.maximum(q_start + block_q - 1 - window.left, 0), block_kv)
+    last = floordiv(
+        jnp.minimum(jnp.maximum(q_start + window.right + 1, 0), window.kv_len), block_kv
+    )
+    first = clamp(first, lo, hi)
+    return first, clamp(last, first, hi)
+
+
+def _unmasked_q_blocks(window: Window, k_start, block_kv: int, block_q: int, lo, hi):
+    """Q blocks in ``[lo, hi)`` whose rows all see keys ``[k_start, k_start+block_kv)``."""
+    first = cdiv(jnp.maximum(k_start + block_kv - 1 - window.right, 0), block_q)
+    last = floordiv(jnp.maximum(k_start + 1 + window.left, 0), block_q)
+    # A key block reaching into the kv padding always needs the mask.
+    last = jnp.where(k_start + block_kv <= window.kv_len, last, first)
+    first = clamp(first, lo, hi)
+    return first, clamp(last, first, hi)
+
+
+def _apply_mask(window: Window, s, q_start, k_start, transposed: bool = False):
+    rows, cols = s.shape
+    row_ids = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+    col_ids = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+    if transposed:  # rows are keys, columns are queries
+        mask = window.mask(col_ids + q_start, row_ids + k_start)
+    else:
+        mask = window.mask(row_ids + q_start, col_ids + k_start)
+    return jnp.where(mask, s, -jnp.inf)
+
+
+# ----------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------
+
+
+def _forward_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    lse_ref,
+    q_smem2,
+    k_smem,
+    v_smem,
+    lse_smem2,
+    p_smem2,
+    q_barriers,
+    loaded,
+    consumed,
+    schedule_barrier,
+    *,
+    window: Window,
+    config: AttentionConfig,
+    scale: float,
+    group: int,
+):
+    block_q, block_kv = config.block_q, config.block_kv
+    num_slots = config.max_concurrent_steps
+    batch = lax.axis_index("batch")
+    head = lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    cta_q_start = lax.axis_index("q_tiles") * config.q_rows_per_cta
+    lo, hi = _block_range(*window.key_range(cta_q_start, config.q_rows_per_cta), block_kv)
+    k_loaded, v_loaded = loaded
+    k_consumed, v_consumed = consumed
+    dtype = q_ref.dtype
+    head_dim = q_ref.shape[-1]
+
+    def schedule():
+        plgpu.barrier_arrive(schedule_barrier)
+        plgpu.barrier_wait(schedule_barrier)
+
+    @pl.when(wg < NUM_COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(_mgpu.COMPUTE_WG_REGISTERS, action="increase")
+        q_smem, lse_smem, p_smem = q_smem2.at[wg], lse_smem2.at[wg], p_smem2.at[wg]
+        q_start = cta_q_start + wg * block_q
+        plgpu.copy_gmem_to_smem(
+            q_ref.at[batch, pl.ds(q_start, block_q), head], q_smem, q_barriers.at[wg]
+        )
+        plgpu.barrier_wait(q_barriers.at[wg])
+        full_lo, full_hi = _unmasked_kv_blocks(window, q_start, block_q, block_kv, lo, hi)
+
+        def step(kv_step, carry, masked):
+            acc, m_i, l_i = carry
+            slot = _mgpu.slot_of(kv_step, lo, num_slots)
+            plgpu.barrier_wait(k_loaded.at[slot])
+
+            def qk_body(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+                schedule()  # Let the other warpgroup run its softmax meanwhile.
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk_body, plgpu.ACC((block_q, block_kv), jnp.float32))
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            s = s * (scale * LOG2E)  # base-2 logits: exp2 is one instruction.
+            if masked:
+                s = _apply_mask(window, s, q_start, kv_step * block_kv)
+            m_new = jnp.maximum(m_i, s.max(axis=1))
+            # Rows that have seen only masked keys keep m = -inf; shift by 0 there
+            # so that exp2 gives 0 instead of NaN.
+            m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha = jnp.exp2(m_i - m_shift)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_shift, s.shape, [0]))
+            l_i = l_i * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            plgpu.barrier_arrive(schedule_barrier)
+            plgpu.barrier_wait(v_loaded.at[slot])
+            plgpu.barrier_wait(schedule_barrier)
+            acc = acc + mma_from_registers(p, p_smem, v_smem.at[slot], (block_q, head_dim))
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            return acc, m_new, l_i
+
+        row_layout = plgpu.Layout.WGMMA.reduce(1)
+        carry = (
+            zeros((block_q, head_dim)),
+            zeros((block_q,), row_layout, -jnp.inf),
+            zeros((block_q,), row_layout),
+        )
+        pl.when(wg == 1)(schedule)
+        acc, m_i, l_i = _mgpu.three_phase_loop(lo, full_lo, full_hi, hi, step, carry)
+        pl.when(wg == 0)(schedule)
+
+        empty = l_i == 0.0
+        inv_l = 1.0 / jnp.where(empty, 1.0, l_i)
+        q_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
+        lse_smem[...] = jnp.where(empty, jnp.inf, m_i + jnp.log(l_i) * LOG2E)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q_start, block_q), head])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_start, block_q)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == NUM_COMPUTE_WGS)
+    def _memory():
+        kv_head = floordiv(head, group)
+
+        def kv_block(ref):
+            return lambda step: ref.at[batch, pl.ds(step * block_kv, block_kv), kv_head]
+
+        _mgpu.produce(
+            [
+                Stream(kv_block(k_ref), k_smem, k_loaded, k_consumed),
+                Stream(kv_block(v_ref), v_smem, v_loaded, v_consumed),
+            ],
+            lo,
+            hi,
+            num_slots,
+        )
+
+
+def forward(q, k, v, *, window: Window, scale: float, config: AttentionConfig):
+    """Padded inputs -> (out ``[B, Tp, H, D]``, lse ``[B, H, Tp]`` base-2)."""
+    batch, q_pad, num_heads, head_dim = q.shape
+    _, kv_pad, num_kv_heads, _ = k.shape
+    assert q_pad % config.q_rows_per_cta == 0 and kv_pad % config.block_kv == 0
+    dtype = q.dtype
+    num_slots = config.max_concurrent_steps
+    transforms = _mgpu.smem_transforms(dtype)
+    kernel = functools.partial(
+        _forward_kernel,
+        window=window,
+        config=config,
+        scale=scale,
+        group=num_heads // num_kv_heads,
+    )
+    return plgpu.kernel(
+        kernel,
+        out_type=(
+            jax.ShapeDtypeStruct(q.shape, dtype),
+            jax.ShapeDtypeStruct((batch, num_heads, q_pad), jnp.float32),
+        ),
+        scratch_types=(
+            plgpu.SMEM((NUM_COMPUTE_WGS, config.block_q, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((num_slots, config.block_kv, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((num_slots, config.block_kv, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((NUM_COMPUTE_WGS, config.block_q), jnp.float32),
+            plgpu.SMEM(
+                (NUM_COMPUTE_WGS, config.block_q, config.block_kv), dtype, transforms=transforms
+            ),
+            plgpu.Barrier(num_barriers=NUM_COMPUTE_WGS),
+            *_mgpu.ring_barriers(num_slots, 2, NUM_COMPUTE_WGS),
+            plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),
+        ),
+        grid=(num_heads, q_pad // config.q_rows_per_cta, batch),
+        grid_names=("heads", "q_tiles", "batch"),
+        num_threads=NUM_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v)
+
+
+# ----------------------------------------------------------------------------
+# Backward: dQ (one CTA per query tile) and dK/dV (one CTA per key tile per kv
+# head, looping over the query heads of its group, so GQA needs no reduction).
+# ----------------------------------------------------------------------------
+
+
+def _dq_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    q_smem2,
+    do_smem2,
+    row_smem2,
+    k_smem,
+    v_smem,
+    ds_smem2,
+    own_barriers,
+    loaded,
+    consumed,
+    *,
+    window: Window,
+    config: AttentionConfig,
+    scale: float,
+    group: int,
+):
+    block_q, block_kv = config.block_q_bwd, config.block_kv_bwd
+    num_slots = config.max_concurrent_steps_bwd
+    batch = lax.axis_index("batch")
+    head = lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    cta_q_start = lax.axis_index("q_tiles") * (NUM_COMPUTE_WGS * block_q)
+    lo, hi = _block_range(*window.key_range(cta_q_start, NUM_COMPUTE_WGS * block_q), block_kv)
+    k_loaded, v_loaded = loaded
+    k_consumed, v_consumed = consumed
+    dtype = q_ref.dtype
+    head_dim = q_ref.shape[-1]
+
+    @pl.when(wg < NUM_COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(_mgpu.COMPUTE_WG_REGISTERS, action="increase")
+        q_smem, do_smem, ds_smem = q_smem2.at[wg], do_smem2.at[wg], ds_smem2.at[wg]
+        lse_smem, delta_smem = row_smem2.at[0, wg], row_smem2.at[1, wg]
+        q_start = cta_q_start + wg * block_q
+        rows = pl.ds(q_start, block_q)
+        copies = [
+            (q_ref.at[batch, rows, head], q_smem),
+            (do_ref.at[batch, rows, head], do_smem),
+            (lse_ref.at[batch, head, rows], lse_smem),
+            (delta_ref.at[batch, head, rows], delta_smem),
+        ]
+        for i, (src, dst) in enumerate(copies):
+            plgpu.copy_gmem_to_smem(src, dst, own_barriers.at[i * NUM_COMPUTE_WGS + wg])
+        for i in range(len(copies)):
+            plgpu.barrier_wait(own_barriers.at[i * NUM_COMPUTE_WGS + wg])
+        row_layout = plgpu.Layout.WGMMA.reduce(1)
+        lse = plgpu.load(lse_smem, layout=row_layout)
+        delta = plgpu.load(delta_smem, layout=row_layout)
+        full_lo, full_hi = _unmasked_kv_blocks(window, q_start, block_q, block_kv, lo, hi)
+
+        def step(kv_step, dq, masked):
+            slot = _mgpu.slot_of(kv_step, lo, num_slots)
+            plgpu.barrier_wait(k_loaded.at[slot])
+            s = mma(q_smem, k_smem.at[slot].T, (block_q, block_kv)) * (scale * LOG2E)
+            if masked:
+                s = _apply_mask(window, s, q_start, kv_step * block_kv)
+            p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
+            plgpu.barrier_wait(v_loaded.at[slot])
+            dp = mma(do_smem, v_smem.at[slot].T, (block_q, block_kv))
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+            dq = dq + mma_from_registers(ds, ds_smem, k_smem.at[slot], (block_q, head_dim))
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            return dq
+
+        dq = _mgpu.three_phase_loop(lo, full_lo, full_hi, hi, step, zeros((block_q, head_dim)))
+        q_smem[...] = (dq * scale).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[batch, rows, head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == NUM_COMPUTE_WGS)
+    def _memory():
+        kv_head = floordiv(head, group)
+
+        def kv_block(ref):
+            return lambda step: ref.at[batch, pl.ds(step * block_kv, block_kv), kv_head]
+
+        _mgpu.produce(
+            [
+                Stream(kv_block(k_ref), k_smem, k_loaded, k_consumed),
+                Stream(kv_block(v_ref), v_smem, v_loaded, v_consumed),
+            ],
+            lo,
+            hi,
+            num_slots,
+        )
+
+
+def _dkv_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    k_smem2,
+    v_smem2,
+    q_smem,
+    do_smem,
+    lse_smem,
+    delta_smem,
+    t_smem2,
+    own_barriers,
+    loaded,
+    consumed,
+    *,
+    window: Window,
+    config: AttentionConfig,
+    scale: float,
+    group: int,
+):
+    block_q, block_kv = config.block_q_bwd, config.block_kv_bwd
+    num_slots = config.max_concurrent_steps_bwd
+    batch = lax.axis_index("batch")
+    kv_head = lax.axis_index("kv_heads")
+    wg = lax.axis_index("wg")
+    cta_k_start = lax.axis_index("kv_tiles") * (NUM_COMPUTE_WGS * block_kv)
+    q_lo, q_hi = _block_range(
+        *window.query_range(cta_k_start, NUM_COMPUTE_WGS * block_kv), block_q
+    )
+    # Steps enumerate (query head in group, query block) pairs, head-major.
+    q_blocks = q_hi - q_lo
+    num_steps = q_blocks * group
+    dtype = q_ref.dtype
+    head_dim = q_ref.shape[-1]
+
+    def head_and_block(step):
+        local_head = lax.div(step, jnp.maximum(q_blocks, 1))
+        return kv_head * group + local_head, q_lo + step - local_head * q_blocks
+
+    @pl.when(wg < NUM_COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(_mgpu.COMPUTE_WG_REGISTERS, action="increase")
+        k_smem, v_smem, t_smem = k_smem2.at[wg], v_smem2.at[wg], t_smem2.at[wg]
+        k_start = cta_k_start + wg * block_kv
+        keys = pl.ds(k_start, block_kv)
+        plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem, own_barriers.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem, own_barriers.at[NUM_COMPUTE_WGS + wg])
+        plgpu.barrier_wait(own_barriers.at[wg])
+        plgpu.barrier_wait(own_barriers.at[NUM_COMPUTE_WGS + wg])
+        full_lo, full_hi = _unmasked_q_blocks(window, k_start, block_kv, block_q, q_lo, q_hi)
+        q_loaded, do_loaded, lse_loaded, delta_loaded = loaded
+        q_consumed, do_consumed, lse_consumed, delta_consumed = consumed
+        col_layout = plgpu.Layout.WGMMA.reduce(0)
+
+        def step(linear_step, q_block, carry, masked):
+            dk, dv = carry
+            slot = _mgpu.slot_of(linear_step, 0, num_slots)
+            plgpu.barrier_wait(q_loaded.at[slot])
+            s_t = mma(k_smem, q_smem.at[slot].T, (block_kv, block_q)) * (scale * LOG2E)
+            if masked:
+                s_t = _apply_mask(window, s_t, q_block * block_q, k_start, transposed=True)
+            plgpu.barrier_wait(lse_loaded.at[slot])
+            lse = plgpu.load(lse_smem.at[slot], layout=col_layout)
+            plgpu.barrier_arrive(lse_consumed.at[slot])
+            p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+            plgpu.barrier_wait(do_loaded.at[slot])
+            dv = dv + mma_from_registers(p_t, t_smem, do_smem.at[slot], (block_kv, head_dim))
+            dp_t = mma(v_smem, do_smem.at[slot].T, (block_kv, block_q))
+            plgpu.barrier_arrive(do_consumed.at[slot])
+            plgpu.barrier_wait(delta_loaded.at[slot])
+            delta = plgpu.load(delta_smem.at[slot], layout=col_layout)
+            plgpu.barrier_arrive(delta_consumed.at[slot])
+            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+            dk = dk + mma_from_registers(ds_t, t_smem, q_smem.at[slot], (block_kv, head_dim))
+            plgpu.barrier_arrive(q_consumed.at[slot])
+            return dk, dv
+
+        def head_loop(local_head, carry):
+            base = local_head * q_blocks - q_lo  # linear step = base + q_block
+
+            def phase(lo_, hi_, masked, carry):
+                return lax.fori_loop(
+                    lo_, hi_, lambda qb, c: step(base + qb, qb, c, masked), carry
+                )
+
+            carry = phase(q_lo, full_lo, True, carry)
+            carry = phase(full_lo, full_hi, False, carry)
+            return phase(full_hi, q_hi, True, carry)
+
+        init = (zeros((block_kv, head_dim)), zeros((block_kv, head_dim)))
+        dk, dv = lax.fori_loop(0, group, head_loop, init)
+        k_smem[...] = (dk * scale).astype(dtype)
+        v_smem[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[batch, keys, kv_head], commit_group=False)
+        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[batch, keys, kv_head], commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == NUM_COMPUTE_WGS)
+    def _memory():
+        def rows_of(ref):
+            def source(step):
+                head, q_block = head_and_block(step)
+                return ref.at[batch, pl.ds(q_block * block_q, block_q), head]
+
+            return source
+
+        def stats_of(ref):
+            def source(step):
+                head, q_block = head_and_block(step)
+                return ref.at[batch, head, pl.ds(q_block * block_q, block_q)]
+
+            return source
+
+        smems = (q_smem, do_smem, lse_smem, delta_smem)
+        sources = (rows_of(q_ref), rows_of(do_ref), stats_of(lse_ref), stats_of(delta_ref))
+        streams = [
+            Stream(src, smem, ld, cs)
+            for src, smem, ld, cs in zip(sources, smems, loaded, consumed, strict=True)
+        ]
+        _mgpu.produce(streams, 0, num_steps, num_slots)
+
+
+def backward(q, k, v, out, lse, do, *, window: Window, scale: float, config: AttentionConfig):
+    """Padded inputs -> (dq, dk, dv) in the input dtypes."""
+    batch, q_pad, num_heads, head_dim = q.shape
+    _, kv_pad, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    dtype = q.dtype
+    block_q, block_kv = config.block_q_bwd, config.block_kv_bwd
+    assert q_pad % (NUM_COMPUTE_WGS * block_q) == 0
+    assert kv_pad % (NUM_COMPUTE_WGS * block_kv) == 0
+    num_slots = config.max_concurrent_steps_bwd
+    transforms = _mgpu.smem_transforms(dtype)
+    # delta_i = sum_d o_id * do_id, in the same [B, H, T] layout as lse.
+    delta = jnp.einsum(
+        "bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32)
+    )
+    common = dict(window=window, config=config, scale=scale, group=group)
+    compiler_params = plgpu.CompilerParams(approx_math=True)
+    row_tile = lambda rows: plgpu.SMEM(  # noqa: E731
+        (NUM_COMPUTE_WGS, rows, head_dim), dtype, transforms=transforms
+    )
+    # Staging buffer for register A operands (ds in dQ; p^T then ds^T in dK/dV).
+    staging = lambda rows, cols: plgpu.SMEM(  # noqa: E731
+        (NUM_COMPUTE_WGS, rows, cols), dtype, transforms=transforms
+    )
+    ring_tile = lambda rows: plgpu.SMEM(  # noqa: E731
+        (num_slots, rows, head_dim), dtype, transforms=transforms
+    )
+
+    dq = plgpu.kernel(
+        functools.partial(_dq_kernel, **common),
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        scratch_types=(
+            row_tile(block_q),
+            row_tile(block_q),
+            plgpu.SMEM((2, NUM_COMPUTE_WGS, block_q), jnp.float32),
+            ring_tile(block_kv),
+            ring_tile(block_kv),
+            staging(block_q, block_kv),
+            plgpu.Barrier(num_barriers=4 * NUM_COMPUTE_WGS),
+            *_mgpu.ring_barriers(num_slots, 2, NUM_COMPUTE_WGS),
+        ),
+        grid=(num_heads, q_pad // (NUM_COMPUTE_WGS * block_q), batch),
+        grid_names=("heads", "q_tiles", "batch"),
+        num_threads=NUM_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=compiler_params,
+    )(q, k, v, do, lse, delta)
+
+    dk, dv = plgpu.kernel(
+        functools.partial(_dkv_kernel, **common),
+        out_type=(
+            jax.ShapeDtypeStruct(k.shape, dtype),
+            jax.ShapeDtypeStruct(v.shape, dtype),
+        ),
+        scratch_types=(
+            row_tile(block_kv),
+            row_tile(block_kv),
+            ring_tile(block_q),
+            ring_tile(block_q),
+            plgpu.SMEM((num_slots, block_q), jnp.float32),
+            plgpu.SMEM((num_slots, block_q), jnp.float32),
+            staging(block_kv, block_q),
+            plgpu.Barrier(num_barriers=2 * NUM_COMPUTE_WGS),
+            *_mgpu.ring_barriers(num_slots, 4, NUM_COMPUTE_WGS),
+        ),
+        grid=(num_kv_heads, kv_pad // (NUM_COMPUTE_WGS * block_kv), batch),
+        grid_names=("kv_heads", "kv_tiles", "batch"),
+        num_threads=NUM_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=compiler_params,
+    )(q, k, v, do, lse, delta)
+    return dq, dk, dv

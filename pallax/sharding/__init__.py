@@ -1,0 +1,1 @@
+"""pallax.sharding (see the project issues for its scope)."""

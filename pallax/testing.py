@@ -1,0 +1,62 @@
+"""Run and lower Mosaic GPU kernels on a machine without a GPU.
+
+* :func:`gpu_interpret` runs kernels in Pallas' GPU interpret mode (simulated
+  SMEM, TMA, barriers and wgmma on the CPU, optionally detecting races).
+* :func:`lower_for_cuda` runs the full Mosaic GPU lowering for CUDA through
+  ``jax.export``, so unsupported ops, bad tile shapes and shared-memory
+  overflow are caught on CPU.
+
+Both pretend to be an H100 through an abstract mesh; kernels must not query the
+real device at trace time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+from jax._src.pallas.mosaic_gpu.interpret.params import (
+    InterpretGPUParams,
+    force_gpu_interpret_mode,
+)
+
+H100_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
+H100_NUM_SMS = 132
+
+
+def _h100_mesh(num_cores: int = H100_NUM_SMS):
+    device = jax.sharding.AbstractDevice(
+        device_kind=H100_DEVICE_KIND, platform="gpu", num_cores=num_cores
+    )
+    return jax.sharding.use_abstract_mesh(
+        jax.sharding.AbstractMesh((), (), abstract_device=device)
+    )
+
+
+@contextlib.contextmanager
+def gpu_interpret(detect_races: bool = False):
+    """Context in which Mosaic GPU kernels run in GPU interpret mode on the CPU."""
+    gpu_callbacks.reset_gpu_interpret_mode_state()
+    try:
+        with _h100_mesh(), force_gpu_interpret_mode(InterpretGPUParams(detect_races=detect_races)):
+            yield
+    except BaseException:
+        # Interpret state is global; a failure inside must not poison later runs.
+        gpu_callbacks.reset_gpu_interpret_mode_state()
+        raise
+
+
+def races_detected() -> bool:
+    """Whether the last :func:`gpu_interpret` run with ``detect_races`` saw a race."""
+    return bool(gpu_callbacks.get_races().races_found)
+
+
+def lower_for_cuda(fn, *args, **kwargs) -> jax.export.Exported:
+    """Lowers ``jax.jit(fn)(*args)`` for CUDA (Mosaic GPU included) on any host."""
+    with _h100_mesh():
+        return jax.export.export(
+            jax.jit(fn, **kwargs),
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")],
+        )(*args)

@@ -1,0 +1,1 @@
+"""pallax.train (see the project issues for its scope)."""
