@@ -1,0 +1,141 @@
+"""Attention of a few new tokens against a KV cache (generation).
+
+``decode_attention`` is the op the models' generation loop calls each step;
+see :mod:`pallax.pallas_kernels.decode_attention_mgpu` for the cache layout and
+the rolling-buffer convention used by sliding-window layers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallax.pallas_kernels import attention as attention_op
+from pallax.pallas_kernels import decode_attention_mgpu as mgpu
+from pallax.pallas_kernels.decode_attention_mgpu import DecodeConfig, DecodeGeometry
+
+
+def _left_window(local_window_size, cache_len: int) -> int:
+    """Validated left window; an int means ``(left, 0)`` since decoding is causal."""
+    if local_window_size is None:
+        return cache_len + 1  # Unbounded.
+    if isinstance(local_window_size, (int, np.integer)):
+        local_window_size = (int(local_window_size), 0)
+    left, right = attention_op.normalize_window(False, local_window_size, cache_len, 1)
+    if right != 0:
+        raise ValueError(
+            f"decode attention is causal: the right window must be 0, got {local_window_size!r}"
+        )
+    return left
+
+
+def decode_attention_reference(query, key_cache, value_cache, lengths, geometry, scale):
+    """XLA version of the decode kernel. Shapes as :func:`decode_attention`."""
+    b, num_new, num_heads, head_dim = query.shape
+    cache_len, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    q = query.reshape(b, num_new, num_kv_heads, group, head_dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, key_cache, preferred_element_type=jnp.float32)
+    logits = logits * scale
+    slots = jnp.arange(cache_len, dtype=jnp.int32)
+    key_pos = jax.vmap(lambda n: geometry.positions(slots, n))(lengths)  # [B, S]
+    query_pos = lengths[:, None] - num_new + jnp.arange(num_new)[None, :]  # [B, T]
+    kp, qp = key_pos[:, None, :], query_pos[:, :, None]
+    visible = (kp >= 0) & (kp <= qp) & (kp >= qp - geometry.left)  # [B, T, S]
+    logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    unnormalized = jnp.exp(logits - row_max)
+    denom = unnormalized.sum(axis=-1, keepdims=True)
+    probs = unnormalized / jnp.where(denom == 0, 1.0, denom)
+    out = jnp.einsum(
+        "bkgts,bskd->btkgd",
+        probs.astype(value_cache.dtype),
+        value_cache,
+        preferred_element_type=jnp.float32,
+    )
+    return out.reshape(query.shape).astype(query.dtype)
+
+
+def decode_attention(
+    query: jax.Array,
+    key_cache: jax.Array,
+    value_cache: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    rolling: bool = False,
+    implementation: attention_op.Implementation = None,
+    config: DecodeConfig | None = None,
+) -> jax.Array:
+    """Causal attention of ``num_new`` new tokens per sequence against a KV cache.
+
+    Args:
+      query: ``[batch, num_new, num_heads, head_dim]``; token ``t`` of sequence
+        ``b`` is at position ``lengths[b] - num_new + t``.
+      key_cache, value_cache: ``[batch, cache_len, num_kv_heads, head_dim]``,
+        already holding the new tokens' keys/values.
+      lengths: ``[batch]`` int32, valid positions per sequence (new tokens included).
+      local_window_size: ``left`` or ``(left, 0)``: a token sees positions
+        ``[pos - left, pos]``.
+      rolling: the cache is a ring buffer (slot = position % cache_len); needs
+        ``cache_len >= left + num_new`` so no visible position is overwritten.
+      implementation: ``None`` (Mosaic on Hopper, else XLA), ``"mosaic"``, ``"xla"``.
+
+    Returns:
+      ``[batch, num_new, num_heads, head_dim]``.
+    """
+    attention_op._check_inputs(query, key_cache, value_cache)
+    b, num_new, num_heads, head_dim = query.shape
+    cache_len, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    lengths = jnp.asarray(lengths)
+    if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be an integer array of shape ({b},), got "
+                         f"{lengths.dtype}{lengths.shape}")
+    lengths = lengths.astype(jnp.int32)
+    left = _left_window(local_window_size, cache_len)
+    if rolling and cache_len < min(left, cache_len) + num_new:
+        raise ValueError(
+            f"rolling cache of {cache_len} slots cannot hold a window of {left} "
+            f"plus {num_new} new tokens"
+        )
+    if rolling and local_window_size is None:
+        raise ValueError("rolling=True needs local_window_size (the ring holds only the window)")
+    geometry = DecodeGeometry(
+        left=left,
+        num_new=num_new,
+        group=num_heads // num_kv_heads,
+        cache_len=cache_len,
+        rolling=rolling,
+    )
+    scale = float(1.0 / np.sqrt(head_dim) if scale is None else scale)
+    if implementation not in (None, "mosaic", "xla"):
+        raise ValueError(f"implementation must be None, 'mosaic' or 'xla', got {implementation!r}")
+    unsupported = attention_op.mosaic_supports(query, key_cache)
+    if implementation == "mosaic" and unsupported:
+        raise ValueError(f"implementation='mosaic' does not support {unsupported}")
+    if implementation is None:
+        implementation = "mosaic" if (attention_op.on_hopper() and not unsupported) else "xla"
+    if implementation == "xla":
+        return decode_attention_reference(query, key_cache, value_cache, lengths, geometry, scale)
+
+    config = config or DecodeConfig(block_kv=64 if head_dim > 128 else 128)
+    group = geometry.group
+    rows = num_new * group
+    rows_pad = -(-rows // mgpu.ROWS) * mgpu.ROWS
+    # [B, T, K, G, D] -> [B, K, T*G, D]: row r = t * group + g.
+    q = query.reshape(b, num_new, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+    q = q.reshape(b, num_kv_heads, rows, head_dim)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
+    cache_pad = -(-cache_len // config.block_kv) * config.block_kv
+    if cache_pad != cache_len:  # Costs a copy of the cache: size caches in multiples of block_kv.
+        pad = ((0, 0), (0, cache_pad - cache_len), (0, 0), (0, 0))
+        key_cache, value_cache = jnp.pad(key_cache, pad), jnp.pad(value_cache, pad)
+    out, lse = mgpu.decode(
+        q, key_cache, value_cache, lengths, geometry=geometry, scale=scale, config=config
+    )
+    out = mgpu.merge_splits(out, lse)[:, :, :rows]  # [B, K, T*G, D]
+    out = out.reshape(b, num_kv_heads, num_new, group, head_dim).transpose(0, 2, 1, 3, 4)
+    return out.reshape(query.shape).astype(query.dtype)
