@@ -145,6 +145,14 @@ def _mosaic_forward(query, key, value, scale, window, config):
 
 def _mosaic_attention_bwd(scale, window, config, residuals, d_out):
     q, k, v, out, lse = residuals
+    if q.shape[-1] > attention_mgpu.MAX_BACKWARD_HEAD_DIM:
+        # The two-warpgroup backward tiles do not fit shared memory at head_dim
+        # 256; differentiate the XLA reference instead (documented limitation).
+        q, k, v = q[:, : window.q_len], k[:, : window.kv_len], v[:, : window.kv_len]
+        reference = functools.partial(
+            attention_reference, scale=scale, left=window.left, right=window.right
+        )
+        return jax.vjp(reference, q, k, v)[1](d_out.astype(q.dtype))
     do = _pad_seq(d_out.astype(q.dtype), q.shape[1])
     dq, dk, dv = attention_mgpu.backward(
         q, k, v, out, lse, do, window=window, scale=scale, config=config

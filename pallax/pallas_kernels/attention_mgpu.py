@@ -46,6 +46,7 @@ from pallax.pallas_kernels._mgpu import (
 NUM_COMPUTE_WGS = 2  # Two consumer warpgroups per CTA, ping-ponged as in FA3.
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
+MAX_BACKWARD_HEAD_DIM = 128  # head_dim 256 backward would need 280 KB of SMEM.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -96,13 +96,13 @@ def decode_attention(
                          f"{lengths.dtype}{lengths.shape}")
     lengths = lengths.astype(jnp.int32)
     left = _left_window(local_window_size, cache_len)
-    if rolling and cache_len < min(left, cache_len) + num_new:
+    if rolling and local_window_size is None:
+        raise ValueError("rolling=True needs local_window_size (the ring holds only the window)")
+    if rolling and cache_len < left + num_new:
         raise ValueError(
             f"rolling cache of {cache_len} slots cannot hold a window of {left} "
             f"plus {num_new} new tokens"
         )
-    if rolling and local_window_size is None:
-        raise ValueError("rolling=True needs local_window_size (the ring holds only the window)")
     geometry = DecodeGeometry(
         left=left,
         num_new=num_new,
@@ -121,7 +121,7 @@ def decode_attention(
     if implementation == "xla":
         return decode_attention_reference(query, key_cache, value_cache, lengths, geometry, scale)
 
-    config = config or DecodeConfig(block_kv=64 if head_dim > 128 else 128)
+    config = config or DecodeConfig.for_head_dim(head_dim)
     group = geometry.group
     rows = num_new * group
     rows_pad = -(-rows // mgpu.ROWS) * mgpu.ROWS

@@ -37,7 +37,7 @@ ROWS = 64  # wgmma M: packed (token, head-in-group) rows per tile.
 class DecodeConfig:
     block_kv: int = 128
     num_splits: int | None = None  # None: enough CTAs to fill ~2 waves of SMs.
-    max_concurrent_steps: int = 3
+    max_concurrent_steps: int = 2
     target_ctas: int = 264
 
     def __post_init__(self):
@@ -47,6 +47,15 @@ class DecodeConfig:
             raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 2")
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"num_splits={self.num_splits} must be >= 1")
+
+    @staticmethod
+    def for_head_dim(head_dim: int) -> DecodeConfig:
+        """~128 KB of K/V in flight per CTA: deep rings keep HBM busy while decoding."""
+        if head_dim <= 64:
+            return DecodeConfig(block_kv=128, max_concurrent_steps=4)
+        if head_dim <= 128:
+            return DecodeConfig(block_kv=64, max_concurrent_steps=4)
+        return DecodeConfig(block_kv=64, max_concurrent_steps=2)
 
     def splits_for(self, ctas_without_split: int, num_blocks: int) -> int:
         if self.num_splits is not None:

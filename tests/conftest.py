@@ -1,0 +1,22 @@
+import os
+
+# Tests run on the CPU (CI has no GPU); Mosaic kernels go through GPU interpret mode.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def random_qkv(seed, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (batch, q_len, heads, head_dim), dtype)
+    k = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim), dtype)
+    v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), dtype)
+    do = jax.random.normal(keys[3], (batch, q_len, heads, head_dim), dtype)
+    return q, k, v, do

@@ -1,0 +1,178 @@
+"""dot_product_attention against jax.nn.dot_product_attention (an independent reference)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_qkv
+
+from pallax import testing
+from pallax.pallas_kernels import AttentionConfig, dot_product_attention
+from pallax.pallas_kernels.attention import normalize_window
+from pallax.pallas_kernels.attention_mgpu import Window, _block_range
+
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2, jnp.float16: 4e-3}
+
+
+def visible_rows(q_len, kv_len, is_causal, window):
+    """Rows that see at least one key (jax.nn averages V on the others; we give 0)."""
+    left, right = normalize_window(is_causal, window, q_len, kv_len)
+    i = np.arange(q_len)[:, None]
+    j = np.arange(kv_len)[None, :]
+    return ((j >= i - left) & (j <= i + right)).any(axis=1)
+
+
+def loss_and_grads(impl, q, k, v, do, is_causal, window):
+    def loss(q, k, v):
+        if impl == "jax":
+            out = jax.nn.dot_product_attention(
+                q, k, v, is_causal=is_causal, local_window_size=window, implementation="xla"
+            )
+        else:
+            out = dot_product_attention(
+                q, k, v, is_causal=is_causal, local_window_size=window, implementation=impl
+            )
+        return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return out, grads
+
+
+def assert_matches_jax(q, k, v, do, is_causal, window, impl):
+    tol = TOLERANCE[q.dtype.type]
+    rows = visible_rows(q.shape[1], k.shape[1], is_causal, window)
+    if impl == "mosaic":
+        with testing.gpu_interpret():
+            out, grads = jax.jit(
+                functools.partial(loss_and_grads, "mosaic", is_causal=is_causal, window=window)
+            )(q, k, v, do)
+    else:
+        out, grads = loss_and_grads(impl, q, k, v, do, is_causal, window)
+    # jax.nn spreads a fully masked row over all keys, which also feeds dK/dV;
+    # ours gives such rows zero output and no gradient, so the reference gets
+    # zero cotangent there.
+    do_masked = do * rows[None, :, None, None].astype(do.dtype)
+    ref_out, ref_grads = loss_and_grads("jax", q, k, v, do_masked, is_causal, window)
+    as32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    np.testing.assert_allclose(as32(out)[:, rows], as32(ref_out)[:, rows], atol=tol, rtol=tol)
+    assert np.all(as32(out)[:, ~rows] == 0), "fully masked rows must be zero"
+    assert np.isfinite(as32(out)).all()
+    for name, g, g_ref in zip("qkv", grads, ref_grads, strict=True):
+        scale = max(1.0, float(np.abs(as32(g_ref)).max()))
+        np.testing.assert_allclose(
+            as32(g), as32(g_ref), atol=2 * tol * scale, rtol=2 * tol, err_msg=f"d{name}"
+        )
+
+
+# (batch, q_len, kv_len, heads, kv_heads, head_dim, is_causal, window)
+XLA_CASES = [
+    (2, 37, 37, 4, 4, 64, True, None),
+    (1, 64, 80, 4, 2, 64, False, (7, 3)),
+    (2, 50, 50, 8, 1, 128, True, 16),
+    (1, 33, 65, 6, 3, 64, False, 5),
+    (1, 96, 96, 2, 2, 32, True, (0, 0)),
+    (1, 40, 24, 4, 2, 64, False, (2, 2)),  # rows >= 27 see no key.
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", XLA_CASES)
+def test_xla_matches_jax(case, dtype):
+    b, t, s, h, kh, d, is_causal, window = case
+    q, k, v, do = random_qkv(1, b, t, s, h, kh, d, dtype)
+    assert_matches_jax(q, k, v, do, is_causal, window, "xla")
+
+
+MOSAIC_CASES = [
+    # Odd lengths (padding), GQA 2:1, a causal window narrower than a tile.
+    (1, 200, 200, 4, 2, 64, True, (40, 0), jnp.bfloat16),
+    # Two-sided window, q shorter than kv, kv not a tile multiple.
+    (1, 130, 300, 2, 1, 64, False, (16, 8), jnp.float16),
+    # Full attention, head_dim 128, MQA.
+    (2, 70, 150, 2, 1, 128, False, None, jnp.bfloat16),
+    # Full causal over several tiles: exercises the unmasked fast path.
+    (1, 384, 384, 2, 2, 64, True, None, jnp.bfloat16),
+    # Window with fully masked rows (q beyond kv + right).
+    (1, 160, 64, 2, 2, 64, False, (3, 1), jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", MOSAIC_CASES, ids=lambda c: "-".join(map(str, c[:8])))
+def test_mosaic_interpret_matches_jax(case):
+    b, t, s, h, kh, d, is_causal, window, dtype = case
+    q, k, v, do = random_qkv(2, b, t, s, h, kh, d, dtype)
+    assert_matches_jax(q, k, v, do, is_causal, window, "mosaic")
+
+
+def test_mosaic_forward_has_no_races():
+    q, k, v, _ = random_qkv(3, 1, 256, 256, 2, 1, 64, jnp.bfloat16)
+    f = functools.partial(
+        dot_product_attention, is_causal=True, local_window_size=100, implementation="mosaic"
+    )
+    with testing.gpu_interpret(detect_races=True):
+        jax.block_until_ready(jax.jit(f)(q, k, v))
+    assert not testing.races_detected()
+
+
+def test_default_implementation_on_cpu_is_xla():
+    q, k, v, _ = random_qkv(4, 1, 16, 16, 2, 2, 64, jnp.bfloat16)
+    jaxpr = str(jax.make_jaxpr(functools.partial(dot_product_attention, is_causal=True))(q, k, v))
+    assert "mosaic" not in jaxpr and "pallas" not in jaxpr
+
+
+def test_window_block_skipping_scales_with_window():
+    """The kernels visit seq x window blocks: 32k tokens, window 4k -> >= 3x less than causal."""
+    config = AttentionConfig()
+    seq = 32 * 1024
+
+    def total_blocks(left):
+        window = Window(left=left, right=0, q_len=seq, kv_len=seq)
+        rows = config.q_rows_per_cta
+        starts = jnp.arange(0, seq, rows)
+        lo, hi = jax.vmap(lambda s: _block_range(*window.key_range(s, rows), config.block_kv))(
+            starts
+        )
+        return int((hi - lo).sum())
+
+    full = total_blocks(2 * seq)
+    windowed = total_blocks(4096)
+    assert full == sum(-(-(s + 128) // 128) for s in range(0, seq, 128))
+    assert full / windowed >= 3.5
+    assert windowed <= (seq // 128) * (-(-(4096 + 128) // 128) + 1)
+
+
+@pytest.mark.parametrize(
+    "q_shape, k_shape, v_shape, kwargs, message",
+    [
+        ((1, 8, 2, 64), (1, 8, 2, 32), (1, 8, 2, 32), {}, "head_dim mismatch"),
+        ((1, 8, 3, 64), (1, 8, 2, 64), (1, 8, 2, 64), {}, "must divide query heads"),
+        ((8, 2, 64), (1, 8, 2, 64), (1, 8, 2, 64), {}, "rank 4"),
+        ((1, 8, 2, 64), (1, 8, 2, 64), (1, 9, 2, 64), {}, "value shape"),
+        ((2, 8, 2, 64), (1, 8, 2, 64), (1, 8, 2, 64), {}, "batch mismatch"),
+        ((1, 8, 2, 64), (1, 8, 2, 64), (1, 8, 2, 64), {"local_window_size": -1}, "non-negative"),
+        ((1, 8, 2, 64), (1, 8, 2, 64), (1, 8, 2, 64), {"local_window_size": (1, 2, 3)}, "pair"),
+        ((1, 8, 2, 64), (1, 8, 2, 64), (1, 8, 2, 64), {"implementation": "cuda"}, "implementation"),
+    ],
+)
+def test_bad_input_raises(q_shape, k_shape, v_shape, kwargs, message):
+    q, k, v = (jnp.zeros(s, jnp.bfloat16) for s in (q_shape, k_shape, v_shape))
+    with pytest.raises(ValueError, match=message):
+        dot_product_attention(q, k, v, **kwargs)
+
+
+def test_mosaic_rejects_unsupported_dtype_and_head_dim():
+    q = jnp.zeros((1, 8, 2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="float32"):
+        dot_product_attention(q, q, q, implementation="mosaic")
+    q = jnp.zeros((1, 8, 2, 96), jnp.bfloat16)
+    with pytest.raises(ValueError, match="head_dim 96"):
+        dot_product_attention(q, q, q, implementation="mosaic")
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="block_kv=96"):
+        AttentionConfig(block_kv=96)
+    with pytest.raises(ValueError, match="max_concurrent_steps=1"):
+        AttentionConfig(max_concurrent_steps=1)

@@ -1,0 +1,48 @@
+"""Every configuration the library dispatches to must lower for CUDA (Mosaic GPU) on CPU.
+
+Catches unsupported ops, bad tile shapes and shared-memory overflow without a GPU.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallax import testing
+from pallax.pallas_kernels import decode_attention, dot_product_attention
+
+WINDOWS = [(True, None), (True, 4096), (True, 1024), (False, (64, 64)), (False, None)]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("is_causal, window", WINDOWS)
+def test_attention_forward_and_backward_lower(head_dim, dtype, is_causal, window):
+    q = jax.ShapeDtypeStruct((2, 1000, 8, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((2, 1000, 2, head_dim), dtype)
+    attend = functools.partial(
+        dot_product_attention,
+        is_causal=is_causal,
+        local_window_size=window,
+        implementation="mosaic",
+    )
+
+    def loss(q, k, v):
+        return attend(q, k, v).astype(jnp.float32).sum()
+
+    exported = testing.lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, kv, kv)
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("num_new, window, rolling", [(1, None, False), (4, 512, True)])
+def test_decode_lowers(head_dim, num_new, window, rolling):
+    q = jax.ShapeDtypeStruct((4, num_new, 32, head_dim), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((4, 2048, 8, head_dim), jnp.bfloat16)
+    lengths = jax.ShapeDtypeStruct((4,), jnp.int32)
+    run = functools.partial(
+        decode_attention, local_window_size=window, rolling=rolling, implementation="mosaic"
+    )
+    exported = testing.lower_for_cuda(run, q, cache, cache, lengths)
+    assert "mosaic_gpu" in exported.mlir_module()
