@@ -29,9 +29,7 @@ def _h100_mesh(num_cores: int = H100_NUM_SMS):
     device = jax.sharding.AbstractDevice(
         device_kind=H100_DEVICE_KIND, platform="gpu", num_cores=num_cores
     )
-    return jax.sharding.use_abstract_mesh(
-        jax.sharding.AbstractMesh((), (), abstract_device=device)
-    )
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device))
 
 
 @contextlib.contextmanager

@@ -69,7 +69,10 @@ def test_rolling_buffer_equals_flat_cache(impl):
     config = DecodeConfig(block_kv=64, num_splits=1)
     flat = decode_attention(q, k, v, lengths, local_window_size=window, implementation="xla")
     run = functools.partial(
-        decode_attention, local_window_size=window, rolling=True, implementation=impl,
+        decode_attention,
+        local_window_size=window,
+        rolling=True,
+        implementation=impl,
         config=config,
     )
     if impl == "mosaic":

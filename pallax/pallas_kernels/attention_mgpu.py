@@ -452,9 +452,7 @@ def _dkv_kernel(
     kv_head = lax.axis_index("kv_heads")
     wg = lax.axis_index("wg")
     cta_k_start = lax.axis_index("kv_tiles") * (NUM_COMPUTE_WGS * block_kv)
-    q_lo, q_hi = _block_range(
-        *window.query_range(cta_k_start, NUM_COMPUTE_WGS * block_kv), block_q
-    )
+    q_lo, q_hi = _block_range(*window.query_range(cta_k_start, NUM_COMPUTE_WGS * block_kv), block_q)
     # Steps enumerate (query head in group, query block) pairs, head-major.
     q_blocks = q_hi - q_lo
     num_steps = q_blocks * group
@@ -472,7 +470,9 @@ def _dkv_kernel(
         k_start = cta_k_start + wg * block_kv
         keys = pl.ds(k_start, block_kv)
         plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem, own_barriers.at[wg])
-        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem, own_barriers.at[NUM_COMPUTE_WGS + wg])
+        plgpu.copy_gmem_to_smem(
+            v_ref.at[batch, keys, kv_head], v_smem, own_barriers.at[NUM_COMPUTE_WGS + wg]
+        )
         plgpu.barrier_wait(own_barriers.at[wg])
         plgpu.barrier_wait(own_barriers.at[NUM_COMPUTE_WGS + wg])
         full_lo, full_hi = _unmasked_q_blocks(window, k_start, block_kv, block_q, q_lo, q_hi)
@@ -507,9 +507,7 @@ def _dkv_kernel(
             base = local_head * q_blocks - q_lo  # linear step = base + q_block
 
             def phase(lo_, hi_, masked, carry):
-                return lax.fori_loop(
-                    lo_, hi_, lambda qb, c: step(base + qb, qb, c, masked), carry
-                )
+                return lax.fori_loop(lo_, hi_, lambda qb, c: step(base + qb, qb, c, masked), carry)
 
             carry = phase(q_lo, full_lo, True, carry)
             carry = phase(full_lo, full_hi, False, carry)
@@ -562,9 +560,7 @@ def backward(q, k, v, out, lse, do, *, window: Window, scale: float, config: Att
     num_slots = config.max_concurrent_steps_bwd
     transforms = _mgpu.smem_transforms(dtype)
     # delta_i = sum_d o_id * do_id, in the same [B, H, T] layout as lse.
-    delta = jnp.einsum(
-        "bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32)
-    )
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
     common = dict(window=window, config=config, scale=scale, group=group)
     compiler_params = plgpu.CompilerParams(approx_math=True)
     row_tile = lambda rows: plgpu.SMEM(  # noqa: E731

@@ -36,7 +36,10 @@ def decode_attention_reference(query, key_cache, value_cache, lengths, geometry,
     cache_len, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
     q = query.reshape(b, num_new, num_kv_heads, group, head_dim)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, key_cache, preferred_element_type=jnp.float32)
+    precision = attention_op.dot_precision(query.dtype)
+    logits = jnp.einsum(
+        "btkgd,bskd->bkgts", q, key_cache, precision=precision, preferred_element_type=jnp.float32
+    )
     logits = logits * scale
     slots = jnp.arange(cache_len, dtype=jnp.int32)
     key_pos = jax.vmap(lambda n: geometry.positions(slots, n))(lengths)  # [B, S]
@@ -53,6 +56,7 @@ def decode_attention_reference(query, key_cache, value_cache, lengths, geometry,
         "bkgts,bskd->btkgd",
         probs.astype(value_cache.dtype),
         value_cache,
+        precision=precision,
         preferred_element_type=jnp.float32,
     )
     return out.reshape(query.shape).astype(query.dtype)
@@ -92,8 +96,9 @@ def decode_attention(
     cache_len, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     lengths = jnp.asarray(lengths)
     if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"lengths must be an integer array of shape ({b},), got "
-                         f"{lengths.dtype}{lengths.shape}")
+        raise ValueError(
+            f"lengths must be an integer array of shape ({b},), got {lengths.dtype}{lengths.shape}"
+        )
     lengths = lengths.astype(jnp.int32)
     left = _left_window(local_window_size, cache_len)
     if rolling and local_window_size is None:

@@ -76,7 +76,9 @@ class DecodeGeometry:
         if not self.rolling:
             return jnp.where(slots < length, slots, -1)
         wraps = lax.div(jnp.maximum(length - 1 - slots, 0), jnp.int32(self.cache_len))
-        return jnp.where(slots < jnp.minimum(length, self.cache_len), slots + self.cache_len * wraps, -1)
+        return jnp.where(
+            slots < jnp.minimum(length, self.cache_len), slots + self.cache_len * wraps, -1
+        )
 
     def slot_range(self, length):
         """Slots ``[lo, hi)`` that may hold visible positions."""
@@ -142,7 +144,9 @@ def _decode_kernel(
             s = mma(q_smem, k_smem.at[slot].T, (ROWS, block_kv)) * (scale * LOG2E)
             plgpu.barrier_arrive(k_consumed.at[slot])
             key_pos = geometry.positions(col_ids + kv_step * block_kv, length)
-            visible = (key_pos >= 0) & (key_pos <= query_pos) & (key_pos >= query_pos - geometry.left)
+            visible = (
+                (key_pos >= 0) & (key_pos <= query_pos) & (key_pos >= query_pos - geometry.left)
+            )
             s = jnp.where(visible, s, -jnp.inf)
             m_new = jnp.maximum(m_i, s.max(axis=1))
             m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
