@@ -2,6 +2,11 @@ import os
 
 # Tests run on the CPU (CI has no GPU); Mosaic kernels go through GPU interpret mode.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight fake CPU devices for the sharding tests; single-device tests use device 0.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    )
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -1,1 +1,43 @@
-"""pallax.sharding (see the project issues for its scope)."""
+"""Meshes, logical-axis rules and shard_map wrappers for DP/FSDP/TP/SP."""
+
+from pallax.sharding.mesh import (
+    AXES,
+    BATCH_AXES,
+    DATA,
+    FSDP,
+    SEQUENCE,
+    TENSOR,
+    initialize_distributed,
+    make_mesh,
+    parse_mesh_spec,
+)
+from pallax.sharding.parallel import attention, column_parallel, row_parallel
+from pallax.sharding.rules import (
+    DEFAULT_RULES,
+    axis_rules,
+    logical_to_spec,
+    named_sharding,
+    shard_as,
+    validate_layout,
+)
+
+__all__ = [
+    "AXES",
+    "BATCH_AXES",
+    "DATA",
+    "DEFAULT_RULES",
+    "FSDP",
+    "SEQUENCE",
+    "TENSOR",
+    "attention",
+    "axis_rules",
+    "column_parallel",
+    "initialize_distributed",
+    "logical_to_spec",
+    "make_mesh",
+    "named_sharding",
+    "parse_mesh_spec",
+    "row_parallel",
+    "shard_as",
+    "validate_layout",
+]

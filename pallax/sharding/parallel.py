@@ -1,0 +1,276 @@
+"""Kernels on local shards: ``shard_map`` wrappers for TP, FSDP and sequence parallelism.
+
+All wrappers take global arrays sharded as described and return global arrays;
+gradients flow through the collectives (``all_gather`` <-> ``psum_scatter``,
+``ppermute``, ``all_to_all``) by autodiff.
+
+Activations are ``[batch, length, ...]`` with batch over ``(data, fsdp)`` and
+length over ``sequence``; attention heads and MLP features over ``tensor``.
+
+Sequence-parallel attention, three ways:
+
+* ``"ulysses"``: all-to-all from sequence-sharded to head-sharded, full
+  attention locally (the Pallas kernel on GPU), all-to-all back. Needs heads
+  divisible by ``tensor x sequence``; moves q, k, v and o once.
+* ``"ring"``: K/V blocks travel around the ring (``ppermute``), merged with an
+  online softmax; blocks outside the causal window are skipped by ``lax.cond``.
+  Works for any mask; moves ``(sequence - 1)`` K/V shards.
+* ``"halo"``: causal sliding windows only: each shard receives just the last
+  ``left`` keys/values of the previous shard and runs the windowed kernel
+  locally. Moves ``left`` rows of K/V, independent of the sequence length.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from pallax.pallas_kernels import dot_product_attention
+from pallax.pallas_kernels.attention import MASK_VALUE, dot_precision, normalize_window
+from pallax.sharding.mesh import BATCH_AXES, FSDP, SEQUENCE, TENSOR
+from pallax.sharding.rules import validate_layout
+
+ACTIVATION = P(BATCH_AXES, SEQUENCE, None)
+HEADS = P(BATCH_AXES, SEQUENCE, TENSOR, None)  # [batch, length, heads, head_dim]
+
+
+def _mesh(mesh):
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        raise ValueError("no mesh: pass mesh= or call inside jax.set_mesh(mesh)")
+    return mesh
+
+
+def _gather_fsdp(w, axis: int, mesh):
+    if mesh.shape[FSDP] == 1:
+        return w
+    return lax.all_gather(w, FSDP, axis=axis, tiled=True)
+
+
+# ----------------------------------------------------------------------------
+# Megatron linears (with ZeRO-3 weight gathering over fsdp)
+# ----------------------------------------------------------------------------
+
+
+def column_parallel(x, w, *, mesh=None, matmul: Callable | None = None):
+    """``x @ w`` with ``w [in, out]`` split by columns over ``tensor``.
+
+    x: ``[batch, length, in]`` replicated over ``tensor``; w sharded
+    ``P(fsdp, tensor)``. Returns ``[batch, length, out]`` sharded over ``tensor``
+    on the last dim (no communication but the fsdp weight gather).
+    """
+    mesh = _mesh(mesh)
+    matmul = matmul or jnp.matmul
+
+    def local(x, w):
+        return matmul(x, _gather_fsdp(w, 0, mesh))
+
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(ACTIVATION, P(FSDP, TENSOR)),
+        out_specs=P(BATCH_AXES, SEQUENCE, TENSOR),
+    )(x, w)
+
+
+def row_parallel(x, w, *, mesh=None, matmul: Callable | None = None):
+    """``x @ w`` with ``w [in, out]`` split by rows over ``tensor``; psum over ``tensor``.
+
+    x: ``[batch, length, in]`` sharded over ``tensor`` on the last dim (the
+    output of :func:`column_parallel`); w sharded ``P(tensor, fsdp)``.
+    """
+    mesh = _mesh(mesh)
+    matmul = matmul or jnp.matmul
+
+    def local(x, w):
+        return lax.psum(matmul(x, _gather_fsdp(w, 1, mesh)), TENSOR)
+
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(P(BATCH_AXES, SEQUENCE, TENSOR), P(TENSOR, FSDP)),
+        out_specs=ACTIVATION,
+    )(x, w)
+
+
+# ----------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------
+
+
+def _block_attention(q, k, v, q_start, k_start, scale, left, right):
+    """Attention of a query block to a key block at global offsets -> (out f32, lse).
+
+    Rows that see no key get ``out = 0`` and ``lse = MASK_VALUE`` so that the
+    merge gives them no weight (and no NaN in gradients).
+    """
+    b, t, h, d = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    qg = q.reshape(b, t, kh, h // kh, d)
+    precision = dot_precision(q.dtype)
+    logits = jnp.einsum(
+        "btkgd,bskd->bkgts", qg, k, precision=precision, preferred_element_type=jnp.float32
+    ) * scale
+    offsets = (k_start + jnp.arange(s))[None, :] - (q_start + jnp.arange(t))[:, None]
+    mask = (offsets >= -left) & (offsets <= right)
+    logits = jnp.where(mask, logits, MASK_VALUE)
+    row_max = logits.max(axis=-1, keepdims=True)
+    unnormalized = jnp.exp(logits - row_max)
+    denom = unnormalized.sum(axis=-1, keepdims=True)
+    out = jnp.einsum(
+        "bkgts,bskd->btkgd", (unnormalized / denom).astype(v.dtype), v,
+        precision=precision, preferred_element_type=jnp.float32,
+    )
+    visible = mask.any(axis=1)  # [t]
+    lse = (row_max + jnp.log(denom))[..., 0]  # [b, k, g, t]
+    lse = jnp.where(visible, lse, MASK_VALUE).transpose(0, 3, 1, 2).reshape(b, t, h)
+    out = jnp.where(visible[None, :, None, None, None], out, 0.0)
+    return out.reshape(b, t, h, d), lse
+
+
+def _merge(out_a, lse_a, out_b, lse_b):
+    lse = jnp.maximum(lse_a, lse_b)
+    w_a, w_b = jnp.exp(lse_a - lse), jnp.exp(lse_b - lse)
+    total = w_a + w_b
+    out = (out_a * w_a[..., None] + out_b * w_b[..., None]) / total[..., None]
+    return out, lse + jnp.log(total)
+
+
+def _ring_local(q, k, v, *, num_shards, scale, left, right):
+    shard = lax.axis_index(SEQUENCE)
+    length = q.shape[1]
+    q_start = shard * length
+    out = jnp.zeros(q.shape, jnp.float32)
+    lse = jnp.full(q.shape[:-1], MASK_VALUE, jnp.float32)
+    shift = [(i, (i + 1) % num_shards) for i in range(num_shards)]
+    for step in range(num_shards):
+        k_start = ((shard - step) % num_shards) * length
+        # Skip blocks that lie entirely outside every query's window.
+        visible = (k_start <= q_start + length - 1 + right) & (
+            k_start + length - 1 >= q_start - left
+        )
+
+        def attend(k, v, k_start=k_start):
+            return _block_attention(q, k, v, q_start, k_start, scale, left, right)
+
+        def skip(k, v):
+            # *_like keeps q's per-device variance, as shard_map's typing requires.
+            return (
+                jnp.zeros_like(q, jnp.float32),
+                jnp.full_like(q[..., 0], MASK_VALUE, jnp.float32),
+            )
+
+        block_out, block_lse = lax.cond(visible, attend, skip, k, v)
+        out, lse = _merge(out, lse, block_out, block_lse)
+        if step < num_shards - 1:
+            k, v = lax.ppermute((k, v), SEQUENCE, shift)
+    return out.astype(q.dtype)
+
+
+def _halo_local(q, k, v, *, num_shards, left, attend):
+    length = q.shape[1]
+    # Shard i sends its last `left` rows to shard i + 1; shard 0 receives zeros.
+    send = [(i, i + 1) for i in range(num_shards - 1)]
+    halo_k, halo_v = lax.ppermute((k[:, length - left:], v[:, length - left:]), SEQUENCE, send)
+    k_ext = jnp.concatenate([halo_k, k], axis=1)
+    v_ext = jnp.concatenate([halo_v, v], axis=1)
+
+    def first_shard():
+        return attend(q, k, v, is_causal=True, local_window_size=(left, 0))
+
+    def other_shards():
+        # Local query i and extended key j (global j - left) are visible iff
+        # i <= j <= i + left: a (0, left) window without the causal flag.
+        return attend(q, k_ext, v_ext, is_causal=False, local_window_size=(0, left))
+
+    return lax.cond(lax.axis_index(SEQUENCE) == 0, first_shard, other_shards)
+
+
+def _ulysses_local(q, k, v, *, attend, is_causal, local_window_size):
+    def to_heads(x):  # [b, L/sp, h, d] -> [b, L, h/sp, d]
+        return lax.all_to_all(x, SEQUENCE, split_axis=2, concat_axis=1, tiled=True)
+
+    out = attend(
+        to_heads(q), to_heads(k), to_heads(v),
+        is_causal=is_causal, local_window_size=local_window_size,
+    )
+    return lax.all_to_all(out, SEQUENCE, split_axis=1, concat_axis=2, tiled=True)
+
+
+def attention(
+    query,
+    key,
+    value,
+    *,
+    mesh=None,
+    is_causal: bool = False,
+    local_window_size=None,
+    sequence_method: str = "ulysses",
+    scale: float | None = None,
+    implementation=None,
+):
+    """Sharded ``dot_product_attention``: heads over ``tensor``, length over ``sequence``.
+
+    q/k/v: ``[batch, length, heads, head_dim]`` sharded ``P((data, fsdp),
+    sequence, tensor, None)``. ``sequence_method`` picks how the ``sequence``
+    axis is handled when it is larger than 1 (see module docstring).
+    """
+    mesh = _mesh(mesh)
+    batch, length, num_heads, head_dim = query.shape
+    validate_layout(
+        mesh, num_heads=num_heads, num_kv_heads=key.shape[2], seq_len=length,
+        sequence_method=sequence_method,
+    )
+    num_shards = mesh.shape[SEQUENCE]
+    scale = float(head_dim**-0.5 if scale is None else scale)
+    attend = functools.partial(dot_product_attention, scale=scale, implementation=implementation)
+    left, right = normalize_window(is_causal, local_window_size, length, key.shape[1])
+    if num_shards == 1:
+        local = functools.partial(attend, is_causal=is_causal, local_window_size=local_window_size)
+    elif sequence_method == "ulysses":
+        local = functools.partial(
+            _ulysses_local, attend=attend, is_causal=is_causal,
+            local_window_size=local_window_size,
+        )
+    elif sequence_method == "ring":
+        local = functools.partial(
+            _ring_local, num_shards=num_shards, scale=scale, left=left, right=right
+        )
+    else:  # halo
+        local_length = length // num_shards
+        if right != 0 or left >= length:
+            raise ValueError(
+                "halo exchange needs a causal sliding window (is_causal=True or right=0 and "
+                f"left < seq_len); got is_causal={is_causal}, "
+                f"local_window_size={local_window_size!r}: use 'ring' or 'ulysses'"
+            )
+        if left > local_length:
+            raise ValueError(
+                f"halo exchange needs the window (left={left}) to fit in one shard "
+                f"(length {length} / sequence {num_shards} = {local_length}); use 'ring'"
+            )
+        if left == 0:
+            local = functools.partial(attend, is_causal=True, local_window_size=(0, 0))
+        else:
+            local = functools.partial(_halo_local, num_shards=num_shards, left=left, attend=attend)
+    return jax.shard_map(local, mesh=mesh, in_specs=(HEADS,) * 3, out_specs=HEADS)(
+        query, key, value
+    )
+
+
+def halo_bytes(batch, seq, kv_heads, head_dim, itemsize, left, sequence) -> int:
+    """K+V bytes one device receives per attention call with halo exchange."""
+    del seq, sequence
+    return 2 * batch * left * kv_heads * head_dim * itemsize
+
+
+def ring_bytes(batch, seq, kv_heads, head_dim, itemsize, left, sequence) -> int:
+    del left
+    return 2 * (sequence - 1) * batch * (seq // sequence) * kv_heads * head_dim * itemsize
+
+
+def ulysses_bytes(batch, seq, heads, kv_heads, head_dim, itemsize, sequence) -> int:
+    """q, k, v in and o out through all-to-all: each keeps 1/sequence locally."""
+    local = batch * (seq // sequence) * head_dim * itemsize
+    return int(local * (2 * heads + 2 * kv_heads) * (sequence - 1) / sequence)
