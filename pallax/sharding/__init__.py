@@ -12,6 +12,7 @@ from pallax.sharding.mesh import (
     parse_mesh_spec,
 )
 from pallax.sharding.parallel import attention, column_parallel, row_parallel
+from pallax.sharding.state import init_optimizer_state, param_shardings, shard_params
 from pallax.sharding.rules import (
     DEFAULT_RULES,
     axis_rules,
@@ -32,12 +33,15 @@ __all__ = [
     "attention",
     "axis_rules",
     "column_parallel",
+    "init_optimizer_state",
     "initialize_distributed",
     "logical_to_spec",
     "make_mesh",
     "named_sharding",
+    "param_shardings",
     "parse_mesh_spec",
     "row_parallel",
     "shard_as",
+    "shard_params",
     "validate_layout",
 ]

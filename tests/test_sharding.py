@@ -1,0 +1,210 @@
+"""Sharded layouts on 8 fake CPU devices equal the unsharded computation."""
+
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import random_qkv
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from sharded_step import inputs, loss_fn, reference
+
+from pallax import sharding as ps
+from pallax.pallas_kernels import dot_product_attention
+from pallax.sharding import parallel
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+
+
+def assert_trees_close(a, b, tol=2e-5):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol, rtol=tol)
+
+
+def test_make_mesh_infers_and_validates():
+    mesh = ps.make_mesh(data=-1, tensor=2, sequence=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "sequence": 2, "tensor": 2}
+    assert mesh.axis_names == ("data", "fsdp", "sequence", "tensor")
+    explicit = ps.make_mesh(fsdp=8, data=1, axis_types="explicit")
+    assert all(t == jax.sharding.AxisType.Explicit for t in explicit.axis_types)
+    with pytest.raises(ValueError, match="multiply to 12, but there are 8 devices"):
+        ps.make_mesh(data=3, tensor=4)
+    with pytest.raises(ValueError, match="not divisible by the other axes' product 3"):
+        ps.make_mesh(data=-1, tensor=3)
+    with pytest.raises(ValueError, match="only one mesh axis may be -1"):
+        ps.make_mesh(data=-1, fsdp=-1)
+    assert ps.parse_mesh_spec("data=2, tensor=4") == {"data": 2, "tensor": 4}
+    with pytest.raises(ValueError, match="bad mesh entry 'pipeline=2'"):
+        ps.parse_mesh_spec("pipeline=2")
+
+
+def test_logical_rules_map_and_override():
+    assert ps.logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
+    assert ps.logical_to_spec(("batch", "length", "act_heads", None)) == P(
+        ("data", "fsdp"), "sequence", "tensor", None
+    )
+    # A mesh axis is used at most once per array.
+    assert ps.logical_to_spec(("batch", "embed")) == P(("data", "fsdp"), None)
+    with ps.axis_rules({"embed": None, "vocab": ("tensor", "fsdp")}):
+        assert ps.logical_to_spec(("vocab", "embed")) == P(("tensor", "fsdp"), None)
+    assert ps.logical_to_spec(("embed",)) == P("fsdp")
+    with pytest.raises(ValueError, match="unknown mesh axes \\['model'\\]"):
+        with ps.axis_rules({"embed": "model"}):
+            pass
+    with pytest.raises(ValueError, match="no sharding rule for logical axis 'experts'"):
+        ps.logical_to_spec(("experts",))
+
+
+def test_invalid_layouts_raise_at_configuration():
+    mesh = ps.make_mesh(data=1, tensor=4, sequence=2)
+    with pytest.raises(ValueError, match="num_kv_heads=2 is not divisible by the tensor axis"):
+        ps.validate_layout(mesh, num_heads=8, num_kv_heads=2)
+    with pytest.raises(ValueError, match="Ulysses needs num_heads=12 divisible by tensor x seq"):
+        ps.validate_layout(mesh, num_heads=12, num_kv_heads=4, sequence_method="ulysses")
+    with pytest.raises(ValueError, match="seq_len=31 is not divisible by the sequence axis"):
+        ps.validate_layout(mesh, num_heads=8, num_kv_heads=8, seq_len=31)
+
+
+SP_CASES = [
+    # (mesh, method, is_causal, window)
+    (dict(data=2, tensor=4), "ulysses", True, None),  # TP only
+    (dict(data=1, sequence=8), "ulysses", True, 6),
+    (dict(data=2, tensor=2, sequence=2), "ulysses", False, (5, 3)),
+    (dict(data=2, sequence=4), "ring", True, None),
+    (dict(tensor=2, sequence=4), "ring", False, (5, 3)),
+    (dict(data=2, tensor=2, sequence=2), "ring", True, 9),
+    (dict(tensor=2, sequence=4), "halo", True, 16),
+    (dict(data=2, tensor=2, sequence=2), "halo", True, 10),
+    (dict(fsdp=2, sequence=4), "halo", False, (7, 0)),
+]
+
+
+@pytest.mark.parametrize("mesh_sizes, method, is_causal, window", SP_CASES)
+def test_sharded_attention_matches_unsharded(mesh_sizes, method, is_causal, window):
+    q, k, v, do = random_qkv(0, 4, 64, 64, 8, 8 if method == "ulysses" else 4, 16, jnp.float32)
+
+    def loss(attend, q, k, v):
+        return jnp.sum(attend(q, k, v) * do)
+
+    unsharded = functools.partial(
+        dot_product_attention, is_causal=is_causal, local_window_size=window
+    )
+    ref = jax.value_and_grad(functools.partial(loss, unsharded), argnums=(0, 1, 2))(q, k, v)
+    mesh = ps.make_mesh(**mesh_sizes)
+    sharded = functools.partial(
+        ps.attention, is_causal=is_causal, local_window_size=window, sequence_method=method
+    )
+    with jax.set_mesh(mesh):
+        spec = NamedSharding(mesh, parallel.HEADS)
+        args = jax.device_put((q, k, v), spec)
+        got = jax.jit(jax.value_and_grad(functools.partial(loss, sharded), argnums=(0, 1, 2)))(
+            *args
+        )
+    assert_trees_close(got, ref, tol=5e-5)
+
+
+def test_halo_rejects_windows_it_cannot_serve():
+    q, k, v, _ = random_qkv(0, 2, 32, 32, 4, 4, 8, jnp.float32)
+    with jax.set_mesh(ps.make_mesh(data=2, sequence=4)):
+        with pytest.raises(ValueError, match="fit in one shard"):
+            ps.attention(q, k, v, is_causal=True, local_window_size=12, sequence_method="halo")
+        with pytest.raises(ValueError, match="causal sliding window"):
+            ps.attention(q, k, v, local_window_size=(2, 2), sequence_method="halo")
+
+
+@pytest.mark.parametrize(
+    "mesh_sizes",
+    [dict(data=8), dict(data=1, fsdp=8), dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2)],
+)
+def test_dp_fsdp_tp_step_matches_unsharded_and_shards_state(mesh_sizes):
+    ref_loss, ref_grads = reference()
+    params, x, names = inputs()
+    mesh = ps.make_mesh(**mesh_sizes)
+    with jax.set_mesh(mesh):
+        params = ps.shard_params(params, names, mesh)
+        x = jax.device_put(x, ps.named_sharding(mesh, ("batch", "length", "act_embed")))
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, x)
+        optimizer = optax.adamw(1e-3)
+        state = ps.init_optimizer_state(optimizer, params)
+        updates, state = jax.jit(optimizer.update)(grads, state, params)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+    assert_trees_close(grads, ref_grads)
+    shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
+    adam = state[0]
+    for name, value in params.items():
+        expected = ps.named_sharding(mesh, names[name])
+        for array in (value, adam.mu[name], adam.nu[name]):
+            assert array.sharding.is_equivalent_to(expected, array.ndim), (name, array.sharding)
+            assert array.addressable_shards[0].data.nbytes == value.nbytes // shards
+
+
+@pytest.mark.parametrize(
+    "method, mesh_sizes",
+    [
+        ("ulysses", dict(data=2, fsdp=2, sequence=2)),  # 2 kv heads: no room for tensor too
+        ("ring", dict(data=2, tensor=2, sequence=2)),
+        ("halo", dict(fsdp=2, tensor=2, sequence=2)),
+    ],
+)
+def test_sequence_parallel_step_matches_unsharded(method, mesh_sizes):
+    ref_loss, ref_grads = reference()
+    params, x, names = inputs()
+    mesh = ps.make_mesh(**mesh_sizes)
+    with jax.set_mesh(mesh):
+        sharded = ps.shard_params(params, names, mesh)
+        xs = jax.device_put(x, ps.named_sharding(mesh, ("batch", "length", "act_embed")))
+        step = jax.jit(jax.value_and_grad(functools.partial(loss_fn, sequence_method=method)))
+        loss, grads = step(sharded, xs)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+    assert_trees_close(grads, ref_grads)
+
+
+def test_initialize_distributed_single_process_is_noop(monkeypatch):
+    monkeypatch.delenv("PALLAX_NUM_PROCESSES", raising=False)
+    assert ps.initialize_distributed() is False
+    assert ps.initialize_distributed(num_processes=1) is False
+    with pytest.raises(ValueError, match="needs coordinator_address and process_id"):
+        ps.initialize_distributed(num_processes=2)
+    with pytest.raises(ValueError, match="process_id=5 must be in"):
+        ps.initialize_distributed("127.0.0.1:1", num_processes=2, process_id=5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_run_matches_single_process(tmp_path):
+    worker = Path(__file__).with_name("multihost_worker.py")
+    out = tmp_path / "result.json"
+    coordinator = f"127.0.0.1:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    logs = [open(tmp_path / f"process{i}.log", "w") for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), coordinator, "2", str(i), str(out)],
+            stdout=logs[i], stderr=subprocess.STDOUT, env=env,
+        )
+        for i in range(2)
+    ]
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    log_text = "\n".join((tmp_path / f"process{i}.log").read_text()[-3000:] for i in range(2))
+    assert codes == [0, 0], log_text
+    result = json.loads(out.read_text())
+    ref_loss, ref_grads = reference()
+    np.testing.assert_allclose(result["loss"], ref_loss, rtol=1e-5)
+    assert_trees_close({k: np.array(v) for k, v in result["grads"].items()}, ref_grads)
