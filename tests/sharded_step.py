@@ -40,8 +40,9 @@ def loss_fn(params, x, sharded=True, sequence_method="ulysses"):
     k = (h @ params["wk"]).reshape(b, n, KV_HEADS, HEAD_DIM)
     v = (h @ params["wv"]).reshape(b, n, KV_HEADS, HEAD_DIM)
     if sharded:
-        out = ps.attention(q, k, v, is_causal=True, local_window_size=5,
-                           sequence_method=sequence_method)
+        out = ps.attention(
+            q, k, v, is_causal=True, local_window_size=5, sequence_method=sequence_method
+        )
     else:
         from pallax.pallas_kernels import dot_product_attention
 

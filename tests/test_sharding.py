@@ -193,7 +193,9 @@ def test_two_process_run_matches_single_process(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, str(worker), coordinator, "2", str(i), str(out)],
-            stdout=logs[i], stderr=subprocess.STDOUT, env=env,
+            stdout=logs[i],
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         for i in range(2)
     ]
@@ -208,3 +210,20 @@ def test_two_process_run_matches_single_process(tmp_path):
     ref_loss, ref_grads = reference()
     np.testing.assert_allclose(result["loss"], ref_loss, rtol=1e-5)
     assert_trees_close({k: np.array(v) for k, v in result["grads"].items()}, ref_grads)
+
+
+def test_sequence_parallel_benchmark_bytes_match_formulas():
+    from benchmarks import sequence_parallel
+
+    results = sequence_parallel.main(
+        ["--seq", "512", "--window", "32", "--heads", "8", "--head-dim", "16", "--iters", "1"]
+    )
+    itemsize, sp = 4, jax.device_count()
+    expected = {
+        "halo": parallel.halo_bytes(1, 512, 8, 16, itemsize, 32, sp),
+        "ring": parallel.ring_bytes(1, 512, 8, 16, itemsize, 32, sp),
+        "ulysses": parallel.ulysses_bytes(1, 512, 8, 8, 16, itemsize, sp),
+    }
+    assert {m: r[0] for m, r in results.items()} == expected
+    # Halo moves only the window: 64 rows of K+V vs the ring's 7 shards.
+    assert expected["halo"] * 10 < expected["ring"]

@@ -71,7 +71,9 @@ def column_parallel(x, w, *, mesh=None, matmul: Callable | None = None):
         return matmul(x, _gather_fsdp(w, 0, mesh))
 
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(ACTIVATION, P(FSDP, TENSOR)),
+        local,
+        mesh=mesh,
+        in_specs=(ACTIVATION, P(FSDP, TENSOR)),
         out_specs=P(BATCH_AXES, SEQUENCE, TENSOR),
     )(x, w)
 
@@ -89,7 +91,9 @@ def row_parallel(x, w, *, mesh=None, matmul: Callable | None = None):
         return lax.psum(matmul(x, _gather_fsdp(w, 1, mesh)), TENSOR)
 
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(P(BATCH_AXES, SEQUENCE, TENSOR), P(TENSOR, FSDP)),
+        local,
+        mesh=mesh,
+        in_specs=(P(BATCH_AXES, SEQUENCE, TENSOR), P(TENSOR, FSDP)),
         out_specs=ACTIVATION,
     )(x, w)
 
@@ -109,9 +113,12 @@ def _block_attention(q, k, v, q_start, k_start, scale, left, right):
     s, kh = k.shape[1], k.shape[2]
     qg = q.reshape(b, t, kh, h // kh, d)
     precision = dot_precision(q.dtype)
-    logits = jnp.einsum(
-        "btkgd,bskd->bkgts", qg, k, precision=precision, preferred_element_type=jnp.float32
-    ) * scale
+    logits = (
+        jnp.einsum(
+            "btkgd,bskd->bkgts", qg, k, precision=precision, preferred_element_type=jnp.float32
+        )
+        * scale
+    )
     offsets = (k_start + jnp.arange(s))[None, :] - (q_start + jnp.arange(t))[:, None]
     mask = (offsets >= -left) & (offsets <= right)
     logits = jnp.where(mask, logits, MASK_VALUE)
@@ -119,8 +126,11 @@ def _block_attention(q, k, v, q_start, k_start, scale, left, right):
     unnormalized = jnp.exp(logits - row_max)
     denom = unnormalized.sum(axis=-1, keepdims=True)
     out = jnp.einsum(
-        "bkgts,bskd->btkgd", (unnormalized / denom).astype(v.dtype), v,
-        precision=precision, preferred_element_type=jnp.float32,
+        "bkgts,bskd->btkgd",
+        (unnormalized / denom).astype(v.dtype),
+        v,
+        precision=precision,
+        preferred_element_type=jnp.float32,
     )
     visible = mask.any(axis=1)  # [t]
     lse = (row_max + jnp.log(denom))[..., 0]  # [b, k, g, t]
@@ -172,7 +182,7 @@ def _halo_local(q, k, v, *, num_shards, left, attend):
     length = q.shape[1]
     # Shard i sends its last `left` rows to shard i + 1; shard 0 receives zeros.
     send = [(i, i + 1) for i in range(num_shards - 1)]
-    halo_k, halo_v = lax.ppermute((k[:, length - left:], v[:, length - left:]), SEQUENCE, send)
+    halo_k, halo_v = lax.ppermute((k[:, length - left :], v[:, length - left :]), SEQUENCE, send)
     k_ext = jnp.concatenate([halo_k, k], axis=1)
     v_ext = jnp.concatenate([halo_v, v], axis=1)
 
@@ -192,8 +202,11 @@ def _ulysses_local(q, k, v, *, attend, is_causal, local_window_size):
         return lax.all_to_all(x, SEQUENCE, split_axis=2, concat_axis=1, tiled=True)
 
     out = attend(
-        to_heads(q), to_heads(k), to_heads(v),
-        is_causal=is_causal, local_window_size=local_window_size,
+        to_heads(q),
+        to_heads(k),
+        to_heads(v),
+        is_causal=is_causal,
+        local_window_size=local_window_size,
     )
     return lax.all_to_all(out, SEQUENCE, split_axis=1, concat_axis=2, tiled=True)
 
@@ -219,7 +232,10 @@ def attention(
     mesh = _mesh(mesh)
     batch, length, num_heads, head_dim = query.shape
     validate_layout(
-        mesh, num_heads=num_heads, num_kv_heads=key.shape[2], seq_len=length,
+        mesh,
+        num_heads=num_heads,
+        num_kv_heads=key.shape[2],
+        seq_len=length,
         sequence_method=sequence_method,
     )
     num_shards = mesh.shape[SEQUENCE]
@@ -230,7 +246,9 @@ def attention(
         local = functools.partial(attend, is_causal=is_causal, local_window_size=local_window_size)
     elif sequence_method == "ulysses":
         local = functools.partial(
-            _ulysses_local, attend=attend, is_causal=is_causal,
+            _ulysses_local,
+            attend=attend,
+            is_causal=is_causal,
             local_window_size=local_window_size,
         )
     elif sequence_method == "ring":

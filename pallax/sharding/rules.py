@@ -114,8 +114,12 @@ def validate_layout(
 ) -> None:
     """Raises ValueError at configuration time when a model cannot use this mesh."""
     tensor, sequence = mesh.shape[TENSOR], mesh.shape[SEQUENCE]
-    for name, size in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
-                       ("mlp_dim", mlp_dim), ("vocab_size", vocab_size)):
+    for name, size in (
+        ("num_heads", num_heads),
+        ("num_kv_heads", num_kv_heads),
+        ("mlp_dim", mlp_dim),
+        ("vocab_size", vocab_size),
+    ):
         if size is not None and size % tensor:
             raise ValueError(f"{name}={size} is not divisible by the tensor axis ({tensor})")
     if seq_len is not None and seq_len % sequence:
