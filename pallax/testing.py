@@ -25,11 +25,22 @@ H100_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
 H100_NUM_SMS = 132
 
 
-def _h100_mesh(num_cores: int = H100_NUM_SMS):
+def h100_abstract_mesh(axis_sizes: dict[str, int] | None = None) -> jax.sharding.AbstractMesh:
+    """An abstract mesh of H100s (no devices needed); ``None`` gives the 0-d mesh."""
     device = jax.sharding.AbstractDevice(
-        device_kind=H100_DEVICE_KIND, platform="gpu", num_cores=num_cores
+        device_kind=H100_DEVICE_KIND, platform="gpu", num_cores=H100_NUM_SMS
     )
-    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device))
+    sizes = axis_sizes or {}
+    return jax.sharding.AbstractMesh(
+        tuple(sizes.values()),
+        tuple(sizes),
+        axis_types=(jax.sharding.AxisType.Auto,) * len(sizes),
+        abstract_device=device,
+    )
+
+
+def _h100_mesh(mesh: jax.sharding.AbstractMesh | None = None):
+    return jax.sharding.use_abstract_mesh(mesh or h100_abstract_mesh())
 
 
 @contextlib.contextmanager
@@ -50,9 +61,13 @@ def races_detected() -> bool:
     return bool(gpu_callbacks.get_races().races_found)
 
 
-def lower_for_cuda(fn, *args, **kwargs) -> jax.export.Exported:
-    """Lowers ``jax.jit(fn)(*args)`` for CUDA (Mosaic GPU included) on any host."""
-    with _h100_mesh():
+def lower_for_cuda(fn, *args, mesh=None, **kwargs) -> jax.export.Exported:
+    """Lowers ``jax.jit(fn)(*args)`` for CUDA (Mosaic GPU included) on any host.
+
+    ``mesh``: an :func:`h100_abstract_mesh` for sharded functions (args then
+    carry ``NamedSharding``s on it).
+    """
+    with _h100_mesh(mesh):
         return jax.export.export(
             jax.jit(fn, **kwargs),
             platforms=["cuda"],

@@ -12,7 +12,6 @@ from pallax.sharding.mesh import (
     parse_mesh_spec,
 )
 from pallax.sharding.parallel import attention, column_parallel, row_parallel
-from pallax.sharding.state import init_optimizer_state, param_shardings, shard_params
 from pallax.sharding.rules import (
     DEFAULT_RULES,
     axis_rules,
@@ -21,6 +20,7 @@ from pallax.sharding.rules import (
     shard_as,
     validate_layout,
 )
+from pallax.sharding.state import init_optimizer_state, param_shardings, shard_params
 
 __all__ = [
     "AXES",
