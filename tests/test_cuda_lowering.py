@@ -74,3 +74,21 @@ def test_sharded_attention_with_kernels_lowers(method, window):
     exported = testing.lower_for_cuda(grad, x, x, x, mesh=mesh)
     # Ring attention merges blocks in XLA; the others run the Pallas kernels.
     assert ("mosaic_gpu" in exported.mlir_module()) == (method != "ring")
+
+
+@pytest.mark.parametrize("m", [1, 16, 4096])
+@pytest.mark.parametrize(
+    "bits, act_bits, symmetric", [(8, None, True), (4, None, True), (4, None, False), (8, 8, True)]
+)
+@pytest.mark.parametrize("k, n", [(4096, 4096), (4096, 14336)])
+def test_quantized_matmul_lowers(m, bits, act_bits, symmetric, k, n):
+    from pallax.pallas_kernels import quantize, quantized_matmul
+
+    qw = jax.eval_shape(
+        functools.partial(quantize, bits=bits, group_size=128, symmetric=symmetric),
+        jax.ShapeDtypeStruct((k, n), jnp.float32),
+    )
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    run = functools.partial(quantized_matmul, act_bits=act_bits, implementation="mosaic")
+    exported = testing.lower_for_cuda(run, x, qw)
+    assert "mosaic_gpu" in exported.mlir_module()

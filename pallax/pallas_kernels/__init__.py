@@ -4,5 +4,26 @@ from pallax.pallas_kernels.attention import dot_product_attention
 from pallax.pallas_kernels.attention_mgpu import AttentionConfig
 from pallax.pallas_kernels.decode_attention import decode_attention
 from pallax.pallas_kernels.decode_attention_mgpu import DecodeConfig
+from pallax.pallas_kernels.quantization import (
+    QuantizedWeight,
+    fake_quantize,
+    lkd,
+    quantize,
+    quantize_activations,
+    quantized_matmul,
+)
+from pallax.pallas_kernels.quantized_matmul_mgpu import QuantMatmulConfig
 
-__all__ = ["AttentionConfig", "DecodeConfig", "decode_attention", "dot_product_attention"]
+__all__ = [
+    "AttentionConfig",
+    "DecodeConfig",
+    "QuantMatmulConfig",
+    "QuantizedWeight",
+    "decode_attention",
+    "dot_product_attention",
+    "fake_quantize",
+    "lkd",
+    "quantize",
+    "quantize_activations",
+    "quantized_matmul",
+]

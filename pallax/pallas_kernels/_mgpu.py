@@ -27,10 +27,16 @@ MEMORY_WG_REGISTERS = 40
 COMPUTE_WG_REGISTERS = 232
 
 
-def smem_transforms(dtype) -> tuple[Any, ...]:
-    """Tiling + 128-byte swizzle, the layout wgmma and TMA want for 2D operands."""
-    swizzle_elems = 128 // jnp.dtype(dtype).itemsize
-    return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(128))
+def smem_transforms(dtype, minor_dim: int | None = None) -> tuple[Any, ...]:
+    """Tiling + swizzle, the layout wgmma and TMA want for 2D operands.
+
+    128-byte swizzle unless the minor dimension is narrower (then 64 or 32).
+    """
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = 128 if minor_dim is None else min(128, minor_dim * itemsize)
+    if swizzle not in (32, 64, 128):
+        raise ValueError(f"minor dimension {minor_dim} of {dtype} cannot be swizzled")
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
 def cdiv(a, b):

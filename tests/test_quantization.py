@@ -1,0 +1,201 @@
+"""Quantized weights and matmul: exactness of the integer path, dequantized parity, errors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pallax import testing
+from pallax.pallas_kernels import (
+    QuantizedWeight,
+    QuantMatmulConfig,
+    fake_quantize,
+    lkd,
+    quantize,
+    quantize_activations,
+    quantized_matmul,
+)
+
+
+def weights(k, n, seed=0, scale=0.05):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((k, n)) * scale, jnp.float32)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("k, n, group", [(256, 128, 128), (300, 70, 64), (512, 96, 512)])
+def test_rounding_error_is_within_half_a_step(bits, symmetric, k, n, group):
+    w = weights(k, n)
+    qw = quantize(w, bits=bits, group_size=group, symmetric=symmetric)
+    assert qw.shape == (k, n)
+    err = np.abs(np.asarray(qw.dequantize()) - np.asarray(w))
+    step = np.repeat(np.asarray(qw.scales), group, axis=1)[:n, :k].T
+    assert (err <= step / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_exactly_representable_weights_round_trip(bits):
+    """Packing (two nibbles per byte along K) and scales are lossless on grid values."""
+    rng = np.random.default_rng(1)
+    k, n, group = 384, 130, 128
+    limit = 2 ** (bits - 1) - 1
+    q = rng.integers(-limit, limit + 1, (k, n))
+    q[::group] = limit  # every group hits its absmax so the scale is exactly s
+    scales = rng.uniform(0.5, 2.0, (k // group, n)).astype(np.float32)
+    w = q * np.repeat(scales, group, axis=0)
+    qw = quantize(jnp.asarray(w, jnp.float32), bits=bits, group_size=group)
+    np.testing.assert_allclose(np.asarray(qw.dequantize()), w, rtol=1e-6)
+    raw = np.asarray(qw.raw_values())[:n, :k].T - (8 if bits == 4 else 0)
+    np.testing.assert_array_equal(raw, q)
+    if bits == 4:
+        assert qw.values.dtype == jnp.uint8 and qw.values.shape == (256, 384 // 2)
+
+
+def test_nbytes_is_honest():
+    qw = quantize(weights(4096, 4096), bits=4, group_size=128)
+    assert qw.nbytes == 4096 * 4096 // 2 + 4096 * 32 * 4
+    assert qw.nbytes < 4096 * 4096 * 2 / 3.5  # ~3.8x smaller than bf16
+    asym = quantize(weights(4096, 4096), bits=8, group_size=128, symmetric=False)
+    assert asym.nbytes == 4096 * 4096 + 2 * 4096 * 32 * 4
+
+
+def test_activation_quantization_is_token_wise():
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 5, 64)), jnp.float32)
+    q, s = quantize_activations(x)
+    assert q.dtype == jnp.int8 and s.shape == (3, 5, 1)
+    assert int(jnp.abs(q).max()) == 127
+    np.testing.assert_allclose(np.asarray(q * s), np.asarray(x), atol=float(s.max()) / 2 + 1e-7)
+
+
+def run_mosaic(x, qw, act_bits, config=None):
+    f = functools.partial(
+        quantized_matmul, act_bits=act_bits, implementation="mosaic", config=config
+    )
+    with testing.gpu_interpret():
+        return jax.jit(f)(x, qw)
+
+
+def test_w8a8_kernel_equals_int32_dot_rescaled():
+    """Per-channel W8A8: y = s_x * s_w * (q_x . q_w) exactly, int32 accumulation."""
+    rng = np.random.default_rng(3)
+    m, k, n = 70, 384, 200
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    qw = quantize(weights(k, n), bits=8, group_size=k)
+    qx, sx = quantize_activations(x)
+    w_int = np.asarray(qw.values)[:n, :k].T
+    int_dot = jnp.dot(qx, jnp.asarray(w_int), preferred_element_type=jnp.int32)
+    expected = np.asarray(int_dot, np.float64) * np.asarray(sx) * np.asarray(qw.scales)[:n, 0]
+    got = run_mosaic(x, qw, 8, QuantMatmulConfig(k_splits=2))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)
+    ref = quantized_matmul(x, qw, act_bits=8, implementation="xla")
+    np.testing.assert_allclose(np.asarray(ref), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "m, k, n, bits, symmetric, dtype",
+    [
+        (1, 512, 256, 4, True, jnp.bfloat16),  # decode, W4A16
+        (5, 300, 200, 8, True, jnp.bfloat16),  # odd K and N, W8A16
+        (70, 256, 130, 4, False, jnp.float16),  # asymmetric int4, fp16
+        (3, 384, 128, 8, False, jnp.float32),  # fp32 input computes in bf16
+    ],
+)
+def test_weight_only_kernel_matches_dequantized_reference(m, k, n, bits, symmetric, dtype):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    qw = quantize(weights(k, n), bits=bits, group_size=128, symmetric=symmetric)
+    got = run_mosaic(x, qw, None, QuantMatmulConfig(k_splits=2))
+    dense = np.asarray(x, np.float32) @ np.asarray(qw.dequantize())
+    tol = 3e-2 * np.abs(dense).max()
+    np.testing.assert_allclose(np.asarray(got, np.float32), dense, atol=tol)
+    assert got.dtype == dtype and got.shape == (m, n)
+
+
+def test_gradient_flows_to_x_only():
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 3, 256)), jnp.float32)
+    qw = quantize(weights(256, 64), bits=4)
+    dy = jnp.ones((2, 3, 64))
+    loss = lambda x, qw: jnp.sum(quantized_matmul(x, qw) * dy)  # noqa: E731
+    dx, dqw = jax.grad(loss, argnums=(0, 1), allow_int=True)(x, qw)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(dy @ qw.dequantize().T), rtol=1e-5)
+    assert float(jnp.abs(dqw.scales).max()) == 0.0
+
+
+def test_fake_quantize_is_straight_through():
+    w = weights(128, 32)
+    g = jax.grad(lambda w: jnp.sum(fake_quantize(w, bits=4) * 3.0))(w)
+    np.testing.assert_allclose(np.asarray(g), 3.0)
+
+
+def test_lkd_beats_round_to_nearest_on_calibration_data():
+    rng = np.random.default_rng(6)
+    w = weights(256, 64, seed=7)
+    # Correlated activations (a few dominant channels), where RTN is far from optimal.
+    x = rng.standard_normal((512, 256)) * np.where(rng.random(256) < 0.05, 8.0, 1.0)
+    x = jnp.asarray(x, jnp.float32)
+
+    def output_mse(qw):
+        return float(jnp.mean((x @ qw.dequantize() - x @ w) ** 2))
+
+    rtn = quantize(w, bits=4, group_size=128)
+    distilled = lkd(w, x, bits=4, group_size=128, steps=200)
+    assert output_mse(distilled) < output_mse(rtn)
+    # Same scales, only rounding decisions change.
+    np.testing.assert_array_equal(np.asarray(distilled.scales), np.asarray(rtn.scales))
+    assert (np.asarray(distilled.values) != np.asarray(rtn.values)).any()
+
+
+def test_quantized_weight_is_a_pytree_nnx_can_hold():
+    class Layer(nnx.Module):
+        def __init__(self, w):
+            self.w = nnx.Param(quantize(w, bits=4))
+
+        def __call__(self, x):
+            return quantized_matmul(x, self.w.get_value())
+
+    layer = Layer(weights(256, 64))
+    x = jnp.ones((2, 256))
+    y = nnx.jit(lambda layer, x: layer(x))(layer, x)
+    np.testing.assert_allclose(
+        np.asarray(y), np.asarray(x @ layer.w.get_value().dequantize()), rtol=1e-5, atol=1e-5
+    )
+    _, state = nnx.split(layer)
+    assert isinstance(state["w"].get_value(), QuantizedWeight)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bits=3), "bits must be 4 or 8"),
+        (dict(group_size=100), "group_size=100 must divide or be a multiple of 128"),
+        (dict(group_size=0), "group_size must be a positive int"),
+    ],
+)
+def test_bad_quantize_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        quantize(weights(256, 64), **kwargs)
+
+
+def test_bad_matmul_arguments():
+    qw4 = quantize(weights(256, 64), bits=4)
+    asym = quantize(weights(256, 64), bits=8, symmetric=False)
+    x = jnp.ones((2, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"x \(2, 100\) does not match weight in_features 256"):
+        quantized_matmul(jnp.ones((2, 100)), qw4)
+    with pytest.raises(ValueError, match="act_bits=8 needs 8-bit weights, got bits=4"):
+        quantized_matmul(x, qw4, act_bits=8)
+    with pytest.raises(ValueError, match="W8A8 .* needs a symmetric weight"):
+        quantized_matmul(x, asym, act_bits=8)
+    with pytest.raises(ValueError, match="act_bits must be None or 8"):
+        quantized_matmul(x, qw4, act_bits=4)
+    with pytest.raises(ValueError, match="expected a QuantizedWeight"):
+        quantized_matmul(x, jnp.ones((256, 64)))
+    with pytest.raises(ValueError, match="x must be bf16/fp16/fp32"):
+        quantized_matmul(jnp.ones((2, 256), jnp.int32), qw4)
+    with pytest.raises(ValueError, match="group_size=64 .*needs >= 128"):
+        quantized_matmul(x, quantize(weights(256, 64), group_size=64), implementation="mosaic")
+    with pytest.raises(ValueError, match="2D"):
+        quantize(jnp.ones((4, 4, 4)))
