@@ -38,3 +38,12 @@ def test_cli_rejects_unknown_command():
         timeout=60,
     )
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_quant_matmul_benchmark_quick():
+    from benchmarks import quant_matmul
+
+    rows = quant_matmul.main(["--quick"])
+    assert [r[0] for r in rows] == [1, 16]
+    for _, _, _, times in rows:
+        assert {"bf16", "int8dot", "w8a16", "w4a16", "w8a8"} <= set(times)

@@ -182,7 +182,7 @@ def per_block(per_group, group_size: int, k_blocks: int):
 
 
 def matmul(x, qw, *, x_scale=None, config: QuantMatmulConfig | None = None):
-    """Padded x ``[M, Kp]`` (bf16/fp16, or int8 with ``x_scale [M]`` for W8A8) -> f32 ``[M, Np]``."""
+    """x ``[M, Kp]`` (bf16/fp16, or int8 with ``x_scale [M]``: W8A8) -> f32 ``[M, Np]``."""
     config = config or QuantMatmulConfig()
     m, kp = x.shape
     np_ = qw.values.shape[0]
