@@ -227,3 +227,39 @@ def test_sequence_parallel_benchmark_bytes_match_formulas():
     assert {m: r[0] for m, r in results.items()} == expected
     # Halo moves only the window: 64 rows of K+V vs the ring's 7 shards.
     assert expected["halo"] * 10 < expected["ring"]
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_quantized_tp_fsdp_mlp_matches_unsharded(act_bits):
+    from pallax.pallas_kernels import quantize, quantized_matmul
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 16, 256)), jnp.float32)
+    w_up = quantize(jnp.asarray(rng.standard_normal((256, 512)) * 0.05, jnp.float32), bits=4)
+    w_down = quantize(jnp.asarray(rng.standard_normal((512, 200)) * 0.05, jnp.float32), bits=8)
+
+    def mlp(x, up, down, column, row):
+        return row(jnp.tanh(column(x, up)), down)
+
+    def plain(x, w, **kw):
+        return quantized_matmul(x, w, **kw)
+
+    # Row-parallel W8A8 quantizes each token's activations per tensor shard, so
+    # it is compared against the dequantized dense product with a tolerance.
+    ref = mlp(x, w_up, w_down, plain, functools.partial(plain, act_bits=act_bits))
+    dense = jnp.tanh(x @ w_up.dequantize()) @ w_down.dequantize()
+    mesh = ps.make_mesh(data=2, fsdp=2, tensor=2)
+    with jax.set_mesh(mesh):
+        place = lambda w, out_axis, in_axis: jax.device_put(  # noqa: E731
+            w, jax.tree.map(lambda s: NamedSharding(mesh, s), w.partition_specs(out_axis, in_axis))
+        )
+        up, down = place(w_up, "tensor", "fsdp"), place(w_down, "fsdp", "tensor")
+        xs = jax.device_put(x, ps.named_sharding(mesh, ("batch", "length", "act_embed")))
+        row = functools.partial(ps.row_parallel, act_bits=act_bits)
+        got = jax.jit(lambda x, u, d: mlp(x, u, d, ps.column_parallel, row))(xs, up, down)
+        assert up.values.addressable_shards[0].data.nbytes == up.values.nbytes // 4
+    assert got.shape == (8, 16, 200)
+    if act_bits is None:
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4, rtol=1e-4)
+    scale = float(jnp.abs(dense).max())
+    np.testing.assert_allclose(np.asarray(got), np.asarray(dense), atol=0.02 * scale)

@@ -82,6 +82,21 @@ class QuantizedWeight:
         unpacked = jnp.concatenate([blocks & 15, blocks >> 4], axis=-1)
         return unpacked.reshape(n, 2 * half_k)
 
+    def partition_specs(self, out_axis, in_axis) -> QuantizedWeight:
+        """PartitionSpecs for sharding ``out_features`` / ``in_features`` over mesh axes."""
+        spec = jax.sharding.PartitionSpec(out_axis, in_axis)
+        return dataclasses.replace(
+            self, values=spec, scales=spec, zeros=None if self.zeros is None else spec
+        )
+
+    def as_local(self) -> QuantizedWeight:
+        """A shard (inside ``shard_map``) as a weight of its own padded shape."""
+        return dataclasses.replace(
+            self,
+            in_features=self.scales.shape[1] * self.group_size,
+            out_features=self.values.shape[0],
+        )
+
     def zero_points(self) -> jax.Array | float:
         if self.zeros is not None:
             return self.zeros

@@ -23,14 +23,13 @@ Sequence-parallel attention, three ways:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from pallax.pallas_kernels import dot_product_attention
+from pallax.pallas_kernels import QuantizedWeight, dot_product_attention, quantized_matmul
 from pallax.pallas_kernels.attention import MASK_VALUE, dot_precision, normalize_window
 from pallax.sharding.mesh import BATCH_AXES, FSDP, SEQUENCE, TENSOR
 from pallax.sharding.rules import validate_layout
@@ -49,53 +48,82 @@ def _mesh(mesh):
 def _gather_fsdp(w, axis: int, mesh):
     if mesh.shape[FSDP] == 1:
         return w
-    return lax.all_gather(w, FSDP, axis=axis, tiled=True)
+    return jax.tree.map(lambda leaf: lax.all_gather(leaf, FSDP, axis=axis, tiled=True), w)
 
 
-# ----------------------------------------------------------------------------
-# Megatron linears (with ZeRO-3 weight gathering over fsdp)
-# ----------------------------------------------------------------------------
+def _linear_parts(w, out_axis, in_axis):
+    """(weight spec, in-dim axis of the stored layout, local matmul, padded dims) for ``w``.
+
+    Dense weights are ``[in, out]``; :class:`QuantizedWeight` stores ``[out, in]``
+    (padded to 128), is multiplied with :func:`quantized_matmul` and its shards
+    are re-described by ``as_local`` inside ``shard_map``.
+    """
+    if isinstance(w, QuantizedWeight):
+
+        def matmul(x, w_local, **kwargs):
+            return quantized_matmul(x, w_local.as_local(), **kwargs)
+
+        padded = (w.padded_in_features, w.values.shape[0])
+        return w.partition_specs(out_axis, in_axis), 1, matmul, padded
+    return P(in_axis, out_axis), 0, jnp.matmul, w.shape
 
 
-def column_parallel(x, w, *, mesh=None, matmul: Callable | None = None):
+def _pad_last(x, size):
+    return (
+        x
+        if x.shape[-1] == size
+        else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+    )
+
+
+def column_parallel(x, w, *, mesh=None, **matmul_kwargs):
     """``x @ w`` with ``w [in, out]`` split by columns over ``tensor``.
 
-    x: ``[batch, length, in]`` replicated over ``tensor``; w sharded
-    ``P(fsdp, tensor)``. Returns ``[batch, length, out]`` sharded over ``tensor``
-    on the last dim (no communication but the fsdp weight gather).
+    x: ``[batch, length, in]`` replicated over ``tensor``; w: a dense array
+    sharded ``P(fsdp, tensor)`` or a :class:`QuantizedWeight` sharded by
+    ``w.partition_specs(tensor, fsdp)``. Returns ``[batch, length, out]``
+    sharded over ``tensor`` on the last dim; the only communication is the
+    ZeRO-3 weight gather over ``fsdp``. ``matmul_kwargs`` go to the local
+    matmul (e.g. ``act_bits=8``).
     """
     mesh = _mesh(mesh)
-    matmul = matmul or jnp.matmul
+    w_spec, in_dim, matmul, (k_padded, n_padded) = _linear_parts(w, TENSOR, FSDP)
+    out_features = w.shape[1]
 
     def local(x, w):
-        return matmul(x, _gather_fsdp(w, 0, mesh))
+        return matmul(x, _gather_fsdp(w, in_dim, mesh), **matmul_kwargs)
 
-    return jax.shard_map(
+    y = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(ACTIVATION, P(FSDP, TENSOR)),
+        in_specs=(ACTIVATION, w_spec),
         out_specs=P(BATCH_AXES, SEQUENCE, TENSOR),
-    )(x, w)
+    )(_pad_last(x, k_padded), w)
+    return y if n_padded == out_features else y[..., :out_features]
 
 
-def row_parallel(x, w, *, mesh=None, matmul: Callable | None = None):
+def row_parallel(x, w, *, mesh=None, **matmul_kwargs):
     """``x @ w`` with ``w [in, out]`` split by rows over ``tensor``; psum over ``tensor``.
 
     x: ``[batch, length, in]`` sharded over ``tensor`` on the last dim (the
-    output of :func:`column_parallel`); w sharded ``P(tensor, fsdp)``.
+    output of :func:`column_parallel`); w: dense ``P(tensor, fsdp)`` or a
+    :class:`QuantizedWeight` sharded by ``w.partition_specs(fsdp, tensor)``.
     """
     mesh = _mesh(mesh)
-    matmul = matmul or jnp.matmul
+    w_spec, in_dim, matmul, (k_padded, n_padded) = _linear_parts(w, FSDP, TENSOR)
+    out_features = w.shape[1]
 
     def local(x, w):
-        return lax.psum(matmul(x, _gather_fsdp(w, 1, mesh)), TENSOR)
+        out_dim = 1 - in_dim
+        return lax.psum(matmul(x, _gather_fsdp(w, out_dim, mesh), **matmul_kwargs), TENSOR)
 
-    return jax.shard_map(
+    y = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(BATCH_AXES, SEQUENCE, TENSOR), P(TENSOR, FSDP)),
+        in_specs=(P(BATCH_AXES, SEQUENCE, TENSOR), w_spec),
         out_specs=ACTIVATION,
-    )(x, w)
+    )(_pad_last(x, k_padded), w)
+    return y if n_padded == out_features else y[..., :out_features]
 
 
 # ----------------------------------------------------------------------------
