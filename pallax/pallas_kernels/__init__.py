@@ -13,12 +13,20 @@ from pallax.pallas_kernels.quantization import (
     quantized_matmul,
 )
 from pallax.pallas_kernels.quantized_matmul_mgpu import QuantMatmulConfig
+from pallax.pallas_kernels.sparse import (
+    SparseWeight,
+    activation_norms,
+    sparse_matmul,
+    sparsify,
+)
 
 __all__ = [
     "AttentionConfig",
     "DecodeConfig",
     "QuantMatmulConfig",
     "QuantizedWeight",
+    "SparseWeight",
+    "activation_norms",
     "decode_attention",
     "dot_product_attention",
     "fake_quantize",
@@ -26,4 +34,6 @@ __all__ = [
     "quantize",
     "quantize_activations",
     "quantized_matmul",
+    "sparse_matmul",
+    "sparsify",
 ]

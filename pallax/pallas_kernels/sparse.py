@@ -1,0 +1,257 @@
+"""Unstructured-sparse weights in a tiled bitmap format, pruning, and SpMM.
+
+Layout of :class:`SparseWeight` for a logical ``[in_features K, out_features N]``
+weight, stored transposed (``[N, K]``, K-major like :class:`QuantizedWeight`)
+and zero-padded to multiples of the tile ``(TILE_ROWS=64 outputs x TILE_K=64
+inputs)``:
+
+* ``bitmap``: ``uint32 [Np, Kp / 32]``, bit ``k % 32`` of word ``k // 32`` is
+  set where ``W[k, n] != 0`` (1 bit per element).
+* ``values``: the nonzeros, ``[nnz]`` in the weight dtype, tile after tile
+  (tiles row-major over ``(n_tile, k_tile)``), and row-major inside a tile.
+* ``tile_offsets``: ``int32 [Np / 64, Kp / 64]``, index in ``values`` of each
+  tile's first nonzero (4 bytes per 4096 elements).
+
+Bytes per element at density ``d``: ``2 d + 1/8 + 1/1024`` for bf16 values, vs
+2 dense; Tiled-CSL (Flash-LLM) costs ``4 d``. A tile decodes with a popcount
+prefix over its bitmap: nonzero ``i`` of the tile is ``values[offset + i]``.
+
+``sparse_matmul`` currently runs on XLA (decode, then a dense dot): a Mosaic
+GPU decode needs per-lane gathers from shared memory and popcount, which the
+Pallas Mosaic GPU lowering does not expose in jax 0.11 (see the issue notes).
+Gradients of the XLA path flow to ``x`` and to the nonzero ``values`` only: the
+mask is fixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TILE_ROWS = 64
+TILE_K = 64
+WORD_BITS = 32
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _tile_major(mask_t):
+    """[Np, Kp] -> [Np/64, Kp/64, 64 * 64]: element order of ``values`` (numpy or jax)."""
+    np_, kp = mask_t.shape
+    tiles = mask_t.reshape(np_ // TILE_ROWS, TILE_ROWS, kp // TILE_K, TILE_K)
+    return tiles.transpose(0, 2, 1, 3).reshape(np_ // TILE_ROWS, kp // TILE_K, -1)
+
+
+def _from_tile_major(tiles, np_: int, kp: int):
+    rows = tiles.reshape(np_ // TILE_ROWS, kp // TILE_K, TILE_ROWS, TILE_K)
+    return rows.transpose(0, 2, 1, 3).reshape(np_, kp)
+
+
+def _pack_bits(mask_t: np.ndarray) -> np.ndarray:
+    np_, kp = mask_t.shape
+    bits = mask_t.reshape(np_, kp // WORD_BITS, WORD_BITS).astype(np.uint64)
+    weights = np.uint64(1) << np.arange(WORD_BITS, dtype=np.uint64)
+    return (bits * weights).sum(axis=-1).astype(np.uint32)
+
+
+def _unpack_bits(bitmap):
+    """uint32 ``[Np, Kp/32]`` -> bool ``[Np, Kp]`` (works on numpy and jax arrays)."""
+    xp = jnp if isinstance(bitmap, jax.Array) else np
+    shifts = xp.arange(WORD_BITS, dtype=xp.uint32)
+    bits = (bitmap[..., None] >> shifts) & xp.uint32(1)
+    return bits.reshape(bitmap.shape[0], -1).astype(bool)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SparseWeight:
+    """A sparse ``[in_features, out_features]`` weight in tiled bitmap format."""
+
+    values: jax.Array
+    bitmap: jax.Array
+    tile_offsets: jax.Array
+    in_features: int = dataclasses.field(metadata=dict(static=True))
+    out_features: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.in_features, self.out_features)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / (self.in_features * self.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(self))
+
+    @classmethod
+    def from_dense(cls, w) -> SparseWeight:
+        """Packs an already pruned ``[in, out]`` matrix (zeros are dropped). Not jittable."""
+        w = np.asarray(w)
+        if w.ndim != 2:
+            raise ValueError(f"expected a 2D [in_features, out_features] weight, got {w.shape}")
+        k, n = w.shape
+        kp, np_ = _round_up(max(k, 1), TILE_K), _round_up(max(n, 1), TILE_ROWS)
+        w_t = np.zeros((np_, kp), w.dtype)
+        w_t[:n, :k] = w.T
+        mask_t = w_t != 0
+        counts = _tile_major(mask_t).sum(axis=-1)
+        offsets = np.concatenate([[0], np.cumsum(counts.reshape(-1))[:-1]]).astype(np.int32)
+        values = _tile_major(w_t)[_tile_major(mask_t)]
+        return cls(
+            values=jnp.asarray(values),
+            bitmap=jnp.asarray(_pack_bits(mask_t)),
+            tile_offsets=jnp.asarray(offsets.reshape(counts.shape)),
+            in_features=k,
+            out_features=n,
+        )
+
+    def validate(self) -> SparseWeight:
+        """Checks the format's invariants on concrete arrays; raises ValueError naming them."""
+        np_, words = self.bitmap.shape
+        kp = words * WORD_BITS
+        if self.bitmap.dtype != jnp.uint32:
+            raise ValueError(f"bitmap must be uint32, got {self.bitmap.dtype}")
+        if np_ % TILE_ROWS or kp % TILE_K or np_ < self.out_features or kp < self.in_features:
+            raise ValueError(
+                f"bitmap {self.bitmap.shape} does not cover a padded "
+                f"[{self.out_features}, {self.in_features}] weight in {TILE_ROWS}x{TILE_K} tiles"
+            )
+        expected_offsets = (np_ // TILE_ROWS, kp // TILE_K)
+        if self.tile_offsets.shape != expected_offsets:
+            raise ValueError(f"tile_offsets shape {self.tile_offsets.shape} != {expected_offsets}")
+        mask_t = _unpack_bits(np.asarray(self.bitmap))
+        if mask_t[self.out_features :].any() or mask_t[:, self.in_features :].any():
+            raise ValueError("bitmap has bits set in the padding")
+        counts = _tile_major(mask_t).sum(axis=-1).reshape(-1)
+        if counts.sum() != self.nnz:
+            raise ValueError(
+                f"bitmap has {counts.sum()} set bits but values has {self.nnz} entries"
+            )
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        if not np.array_equal(np.asarray(self.tile_offsets).reshape(-1), offsets):
+            raise ValueError("tile_offsets do not match the bitmap's per-tile popcounts")
+        return self
+
+    def mask(self) -> jax.Array:
+        """bool ``[in_features, out_features]``."""
+        return _unpack_bits(self.bitmap)[: self.out_features, : self.in_features].T
+
+    def todense(self) -> jax.Array:
+        """Dense ``[in_features, out_features]`` (exact round trip); differentiable in values."""
+        mask_t = _unpack_bits(self.bitmap)
+        np_, kp = mask_t.shape
+        tiles = _tile_major(mask_t)  # [nT, kT, 4096]
+        rank = jnp.cumsum(tiles, axis=-1, dtype=jnp.int32) - 1  # popcount prefix in tile
+        index = self.tile_offsets[..., None] + rank
+        if self.nnz == 0:
+            gathered = jnp.zeros(tiles.shape, self.values.dtype)
+        else:  # Indices past a tile's nonzeros are clipped, then masked out.
+            gathered = jnp.take(self.values, jnp.clip(index, 0, self.nnz - 1), axis=0)
+        dense_tiles = jnp.where(tiles, gathered, jnp.zeros((), self.values.dtype))
+        dense_t = _from_tile_major(dense_tiles, np_, kp)
+        return dense_t[: self.out_features, : self.in_features].T
+
+    def with_values(self, values) -> SparseWeight:
+        """Same mask, new nonzero values (e.g. after a training step)."""
+        if values.shape != self.values.shape:
+            raise ValueError(f"values shape {values.shape} != {self.values.shape}")
+        return dataclasses.replace(self, values=values)
+
+
+def _keep_mask(scores: np.ndarray, sparsity: float, pattern: tuple[int, int] | None):
+    """Per output column of ``scores [K, N]``: keep the largest scores."""
+    k, n = scores.shape
+    if pattern is not None:
+        keep_n, group_m = pattern
+        if k % group_m:
+            raise ValueError(f"in_features={k} is not divisible by the {keep_n}:{group_m} group")
+        groups = scores.reshape(k // group_m, group_m, n)
+        order = np.argsort(-groups, axis=1, kind="stable")
+        keep = np.zeros_like(groups, dtype=bool)
+        np.put_along_axis(keep, order[:, :keep_n], True, axis=1)
+        return keep.reshape(k, n)
+    num_keep = int(round((1.0 - sparsity) * k))
+    order = np.argsort(-scores, axis=0, kind="stable")
+    keep = np.zeros_like(scores, dtype=bool)
+    np.put_along_axis(keep, order[:num_keep], True, axis=0)
+    return keep
+
+
+def sparsify(
+    w,
+    sparsity: float = 0.8,
+    method: Literal["magnitude", "wanda"] = "magnitude",
+    *,
+    activation_norms=None,
+    pattern: str | None = None,
+) -> SparseWeight:
+    """Prunes ``w [in_features, out_features]`` and packs it. Not jittable (data-dependent nnz).
+
+    ``method="magnitude"`` scores ``|W|``; ``"wanda"`` scores ``|W_kn| * ||X_k||_2``
+    given ``activation_norms [in_features]`` from a calibration pass. Both
+    prune per output feature. ``pattern="2:4"`` (N:M) keeps N of every M
+    consecutive inputs instead of using ``sparsity``.
+    """
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"sparsify expects a 2D [in_features, out_features] weight, got {w.shape}")
+    if pattern is None and not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    parsed = None
+    if pattern is not None:
+        try:
+            parsed = tuple(int(p) for p in pattern.split(":"))
+            assert len(parsed) == 2 and 0 < parsed[0] <= parsed[1]
+        except (ValueError, AssertionError, AttributeError):
+            raise ValueError(f"pattern must look like '2:4', got {pattern!r}") from None
+    scores = np.abs(w.astype(np.float32))
+    if method == "wanda":
+        if activation_norms is None:
+            raise ValueError("method='wanda' needs activation_norms [in_features]")
+        norms = np.asarray(activation_norms, np.float32)
+        if norms.shape != (w.shape[0],):
+            raise ValueError(f"activation_norms shape {norms.shape} != ({w.shape[0]},)")
+        scores = scores * norms[:, None]
+    elif method != "magnitude":
+        raise ValueError(f"method must be 'magnitude' or 'wanda', got {method!r}")
+    pruned = np.where(_keep_mask(scores, sparsity, parsed), w, np.zeros((), w.dtype))
+    return SparseWeight.from_dense(pruned)
+
+
+def activation_norms(x) -> jax.Array:
+    """Wanda's per-input-feature L2 norms of calibration activations ``[..., in_features]``."""
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.sqrt(jnp.sum(x.reshape(-1, x.shape[-1]) ** 2, axis=0))
+
+
+def sparse_matmul(x: jax.Array, w: SparseWeight, *, implementation=None) -> jax.Array:
+    """``x @ W`` for x ``[..., in_features]`` (bf16/fp16/fp32), fp32 accumulation.
+
+    Gradients flow to ``x`` and to ``w.values`` (the mask stays fixed).
+    """
+    if not isinstance(w, SparseWeight):
+        raise ValueError(f"expected a SparseWeight, got {type(w).__name__}")
+    if x.shape[-1] != w.in_features:
+        raise ValueError(
+            f"x {x.shape} does not match weight in_features {w.in_features} (weight {w.shape})"
+        )
+    if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        raise ValueError(f"x must be bf16/fp16/fp32, got {x.dtype}")
+    if implementation not in (None, "xla"):
+        raise ValueError(
+            f"implementation={implementation!r}: only the XLA path exists for sparse_matmul yet"
+        )
+    dense = w.todense().astype(x.dtype)
+    return jnp.matmul(x, dense, preferred_element_type=jnp.float32).astype(x.dtype)
