@@ -47,3 +47,10 @@ def test_quant_matmul_benchmark_quick():
     assert [r[0] for r in rows] == [1, 16]
     for _, _, _, times in rows:
         assert {"bf16", "int8dot", "w8a16", "w4a16", "w8a8"} <= set(times)
+
+
+def test_spmm_benchmark_quick():
+    from benchmarks import spmm
+
+    rows = spmm.main(["--quick"])
+    assert len(rows) == 4 and all(r[4] > 0 and r[5] > 0 for r in rows)

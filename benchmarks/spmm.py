@@ -1,0 +1,92 @@
+"""Sparse x dense matmul benchmark: bitmap-format SpMM vs XLA dense bf16, one run.
+
+    python -m benchmarks.spmm            # GPU: Flash-LLM / OPT and Llama shapes
+    python -m benchmarks.spmm --quick    # tiny shapes, any backend
+
+Prints time, effective bandwidth (bytes of the stored weight / time), speedup
+over dense and the bitmap bandwidth bound ``2 / (2 d + 1/8)``. Weights rotate
+over enough copies to exceed the 50 MB L2 of an H100.
+
+Note: sparse_matmul has only its XLA path so far (decode to dense, then dot),
+so on a GPU this measures the format's decode cost, not the target kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallax.pallas_kernels import sparse_matmul, sparsify
+
+L2_BYTES = 50 * 2**20
+SHAPES = {
+    "opt30b": [(21504, 7168), (7168, 7168), (28672, 7168), (7168, 28672)],
+    "opt66b": [(27648, 9216), (9216, 9216), (36864, 9216), (9216, 36864)],
+    "opt175b": [(36864, 12288), (12288, 12288), (49152, 12288), (12288, 49152)],
+    "llama": [(4096, 4096), (14336, 4096), (4096, 14336)],
+}
+
+
+def _time(fn, x, weights, iters):
+    for w in weights[:2]:
+        jax.block_until_ready(fn(x, w))
+    samples = []
+    for i in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(x, weights[i % len(weights)]))
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def run(shapes, tokens, sparsities, iters):
+    print(f"# device={jax.devices()[0].device_kind} jax={jax.__version__} bf16")
+    print(
+        f"{'M(out)':>7}{'K(in)':>7}{'N':>4}{'sparsity':>9}{'dense us':>10}{'sparse us':>10}"
+        f"{'GB/s':>8}{'speedup':>9}{'bound':>7}"
+    )
+    rng = np.random.default_rng(0)
+    dense_fn = jax.jit(lambda x, w: x @ w)
+    sparse_fn = jax.jit(sparse_matmul)
+    rows = []
+    for m_out, k_in in shapes:
+        copies = max(2, -(-2 * L2_BYTES // (m_out * k_in * 2)))
+        dense = [
+            jnp.asarray(rng.standard_normal((k_in, m_out)), jnp.bfloat16) for _ in range(copies)
+        ]
+        for sparsity in sparsities:
+            sparse = [sparsify(w, sparsity) for w in dense]
+            bound = 2 / (2 * (1 - sparsity) + 1 / 8)
+            for n in tokens:
+                x = jnp.asarray(rng.standard_normal((n, k_in)), jnp.bfloat16)
+                t_dense = _time(dense_fn, x, dense, iters)
+                t_sparse = _time(sparse_fn, x, sparse, iters)
+                gbps = sparse[0].nbytes / t_sparse / 1e9
+                print(
+                    f"{m_out:>7}{k_in:>7}{n:>4}{sparsity:>9.0%}{t_dense * 1e6:>10.1f}"
+                    f"{t_sparse * 1e6:>10.1f}{gbps:>8.1f}{t_dense / t_sparse:>8.2f}x"
+                    f"{bound:>6.2f}x",
+                    flush=True,
+                )
+                rows.append((m_out, k_in, n, sparsity, t_dense, t_sparse))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", nargs="*", default=list(SHAPES))
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args(argv)
+    if args.quick:
+        return run([(256, 192)], [1, 16], [0.5, 0.9], 2)
+    shapes = [s for name in args.models for s in SHAPES[name]]
+    return run(shapes, [1, 8, 16, 32, 64], [0.5, 0.7, 0.8, 0.9], args.iters)
+
+
+if __name__ == "__main__":
+    main()
