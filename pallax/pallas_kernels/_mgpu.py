@@ -137,6 +137,61 @@ def produce(streams: Sequence[Stream], lo, hi, num_slots: int) -> None:
             plgpu.barrier_wait(stream.consumed.at[slot_of(step, lo, num_slots)])
 
 
+def produce_kv(
+    k_ref,
+    v_ref,
+    k_smem,
+    v_smem,
+    loaded,
+    consumed,
+    *,
+    batch,
+    kv_head,
+    block_kv: int,
+    lo,
+    hi,
+    num_slots: int,
+) -> None:
+    """Streams K/V blocks ``[lo, hi)`` of ``[batch, seq, kv_heads, head_dim]`` refs."""
+
+    def kv_block(ref):
+        return lambda step: ref.at[batch, pl.ds(step * block_kv, block_kv), kv_head]
+
+    (k_loaded, v_loaded), (k_consumed, v_consumed) = loaded, consumed
+    produce(
+        [
+            Stream(kv_block(k_ref), k_smem, k_loaded, k_consumed),
+            Stream(kv_block(v_ref), v_smem, v_loaded, v_consumed),
+        ],
+        lo,
+        hi,
+        num_slots,
+    )
+
+
+def softmax_step(s, m_i, l_i, acc):
+    """Online-softmax update for base-2 logits ``s [rows, cols]``.
+
+    Returns ``(p, m_new, l_new, acc_rescaled)``; the caller adds ``p @ V``.
+    Rows that have seen only masked (-inf) keys keep ``m = -inf`` and are
+    shifted by 0, so exp2 gives 0 instead of NaN.
+    """
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m_i - m_shift)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_shift, s.shape, [0]))
+    l_new = l_i * alpha + p.sum(axis=1)
+    return p, m_new, l_new, acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+
+def softmax_finish(acc, m_i, l_i, empty_lse: float):
+    """``(acc / l, base-2 lse)``; rows without keys give 0 and ``empty_lse``."""
+    empty = l_i == 0.0
+    inv_l = 1.0 / jnp.where(empty, 1.0, l_i)
+    out = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
+    return out, jnp.where(empty, empty_lse, m_i + jnp.log(l_i) * LOG2E)
+
+
 def slot_of(step, lo, num_slots: int):
     return lax.rem(step - lo, jnp.asarray(num_slots, jnp.int32))
 

@@ -226,14 +226,7 @@ def _forward_kernel(
             s = s * (scale * LOG2E)  # base-2 logits: exp2 is one instruction.
             if masked:
                 s = _apply_mask(window, s, q_start, kv_step * block_kv)
-            m_new = jnp.maximum(m_i, s.max(axis=1))
-            # Rows that have seen only masked keys keep m = -inf; shift by 0 there
-            # so that exp2 gives 0 instead of NaN.
-            m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp2(m_i - m_shift)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_shift, s.shape, [0]))
-            l_i = l_i * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p, m_new, l_i, acc = _mgpu.softmax_step(s, m_i, l_i, acc)
             plgpu.barrier_arrive(schedule_barrier)
             plgpu.barrier_wait(v_loaded.at[slot])
             plgpu.barrier_wait(schedule_barrier)
@@ -251,10 +244,9 @@ def _forward_kernel(
         acc, m_i, l_i = _mgpu.three_phase_loop(lo, full_lo, full_hi, hi, step, carry)
         pl.when(wg == 0)(schedule)
 
-        empty = l_i == 0.0
-        inv_l = 1.0 / jnp.where(empty, 1.0, l_i)
-        q_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
-        lse_smem[...] = jnp.where(empty, jnp.inf, m_i + jnp.log(l_i) * LOG2E)
+        out, lse = _mgpu.softmax_finish(acc, m_i, l_i, empty_lse=jnp.inf)
+        q_smem[...] = out.astype(dtype)
+        lse_smem[...] = lse
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q_start, block_q), head])
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_start, block_q)])
@@ -262,19 +254,19 @@ def _forward_kernel(
 
     @pl.when(wg == NUM_COMPUTE_WGS)
     def _memory():
-        kv_head = floordiv(head, group)
-
-        def kv_block(ref):
-            return lambda step: ref.at[batch, pl.ds(step * block_kv, block_kv), kv_head]
-
-        _mgpu.produce(
-            [
-                Stream(kv_block(k_ref), k_smem, k_loaded, k_consumed),
-                Stream(kv_block(v_ref), v_smem, v_loaded, v_consumed),
-            ],
-            lo,
-            hi,
-            num_slots,
+        _mgpu.produce_kv(
+            k_ref,
+            v_ref,
+            k_smem,
+            v_smem,
+            loaded,
+            consumed,
+            batch=batch,
+            kv_head=floordiv(head, group),
+            block_kv=block_kv,
+            lo=lo,
+            hi=hi,
+            num_slots=num_slots,
         )
 
 
@@ -405,19 +397,19 @@ def _dq_kernel(
 
     @pl.when(wg == NUM_COMPUTE_WGS)
     def _memory():
-        kv_head = floordiv(head, group)
-
-        def kv_block(ref):
-            return lambda step: ref.at[batch, pl.ds(step * block_kv, block_kv), kv_head]
-
-        _mgpu.produce(
-            [
-                Stream(kv_block(k_ref), k_smem, k_loaded, k_consumed),
-                Stream(kv_block(v_ref), v_smem, v_loaded, v_consumed),
-            ],
-            lo,
-            hi,
-            num_slots,
+        _mgpu.produce_kv(
+            k_ref,
+            v_ref,
+            k_smem,
+            v_smem,
+            loaded,
+            consumed,
+            batch=batch,
+            kv_head=floordiv(head, group),
+            block_kv=block_kv,
+            lo=lo,
+            hi=hi,
+            num_slots=num_slots,
         )
 
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallax.pallas_kernels import _mgpu
-from pallax.pallas_kernels._mgpu import LOG2E, Stream, cdiv, floordiv, mma, mma_from_registers
+from pallax.pallas_kernels._mgpu import LOG2E, cdiv, floordiv, mma, mma_from_registers
 
 ROWS = 64  # wgmma M: packed (token, head-in-group) rows per tile.
 
@@ -148,12 +148,7 @@ def _decode_kernel(
                 (key_pos >= 0) & (key_pos <= query_pos) & (key_pos >= query_pos - geometry.left)
             )
             s = jnp.where(visible, s, -jnp.inf)
-            m_new = jnp.maximum(m_i, s.max(axis=1))
-            m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp2(m_i - m_shift)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_shift, s.shape, [0]))
-            l_i = l_i * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p, m_new, l_i, acc = _mgpu.softmax_step(s, m_i, l_i, acc)
             plgpu.barrier_wait(v_loaded.at[slot])
             acc = acc + mma_from_registers(p, p_smem, v_smem.at[slot], (ROWS, head_dim))
             plgpu.barrier_arrive(v_consumed.at[slot])
@@ -166,11 +161,10 @@ def _decode_kernel(
             _mgpu.zeros((ROWS,), row_layout),
         )
         acc, m_i, l_i = lax.fori_loop(lo, hi, step, carry)
-        empty = l_i == 0.0
-        inv_l = 1.0 / jnp.where(empty, 1.0, l_i)
-        q_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(q_smem.dtype)
         # Empty splits get lse = -inf, i.e. zero weight in the merge.
-        lse_smem[...] = jnp.where(empty, -jnp.inf, m_i + jnp.log(l_i) * LOG2E)
+        out, lse = _mgpu.softmax_finish(acc, m_i, l_i, empty_lse=-jnp.inf)
+        q_smem[...] = out.astype(q_smem.dtype)
+        lse_smem[...] = lse
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, kv_head, split, rows])
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, kv_head, split, rows])
@@ -178,17 +172,19 @@ def _decode_kernel(
 
     @pl.when(wg == 1)
     def _memory():
-        def kv_block(ref):
-            return lambda step: ref.at[batch, pl.ds(step * block_kv, block_kv), kv_head]
-
-        _mgpu.produce(
-            [
-                Stream(kv_block(k_ref), k_smem, k_loaded, k_consumed),
-                Stream(kv_block(v_ref), v_smem, v_loaded, v_consumed),
-            ],
-            lo,
-            hi,
-            num_slots,
+        _mgpu.produce_kv(
+            k_ref,
+            v_ref,
+            k_smem,
+            v_smem,
+            loaded,
+            consumed,
+            batch=batch,
+            kv_head=kv_head,
+            block_kv=block_kv,
+            lo=lo,
+            hi=hi,
+            num_slots=num_slots,
         )
 
 
