@@ -14,10 +14,12 @@ from pallax.pallas_kernels.quantization import (
 )
 from pallax.pallas_kernels.quantized_matmul_mgpu import QuantMatmulConfig
 from pallax.pallas_kernels.sparse import (
+    SparseShards,
     SparseWeight,
     activation_norms,
     sparse_matmul,
     sparsify,
+    split_sparse,
 )
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "DecodeConfig",
     "QuantMatmulConfig",
     "QuantizedWeight",
+    "SparseShards",
     "SparseWeight",
     "activation_norms",
     "decode_attention",
@@ -36,4 +39,5 @@ __all__ = [
     "quantized_matmul",
     "sparse_matmul",
     "sparsify",
+    "split_sparse",
 ]

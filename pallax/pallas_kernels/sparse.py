@@ -170,6 +170,67 @@ class SparseWeight:
         return dataclasses.replace(self, values=values)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SparseShards:
+    """A :class:`SparseWeight` split into ``num_shards`` along ``in`` or ``out``
+    features for tensor parallelism; every leaf has a leading shard dimension.
+
+    Shards are packed independently (values zero-padded to the largest shard's
+    nnz) so each device holds a complete bitmap-format weight for its slice.
+    Build with :func:`split_sparse`; shard the leading dim over the mesh axis.
+    """
+
+    stacked: SparseWeight
+    in_features: int = dataclasses.field(metadata=dict(static=True))
+    out_features: int = dataclasses.field(metadata=dict(static=True))
+    split: str = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.in_features, self.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.stacked.nbytes
+
+    def local(self) -> SparseWeight:
+        """Inside ``shard_map``: this device's shard (leading dim of size 1)."""
+        return jax.tree.map(lambda a: a[0], self.stacked)
+
+    def todense(self) -> jax.Array:
+        parts = [
+            jax.tree.map(lambda a, i=i: a[i], self.stacked).todense()
+            for i in range(self.stacked.values.shape[0])
+        ]
+        dense = jnp.concatenate(parts, axis=0 if self.split == "in" else 1)
+        return dense[: self.in_features, : self.out_features]
+
+
+def split_sparse(w: SparseWeight, num_shards: int, split: str) -> SparseShards:
+    """Splits ``w`` into ``num_shards`` along ``"in"`` (row-parallel) or ``"out"``
+    (column-parallel) features, each slice a multiple of the 64-wide tile. Not jittable."""
+    if split not in ("in", "out"):
+        raise ValueError(f"split must be 'in' or 'out', got {split!r}")
+    dense = np.asarray(w.todense())
+    axis = 0 if split == "in" else 1
+    size = _round_up(dense.shape[axis], 64 * num_shards)
+    pad = [(0, 0), (0, 0)]
+    pad[axis] = (0, size - dense.shape[axis])
+    parts = np.split(np.pad(dense, pad), num_shards, axis=axis)
+    shards = [SparseWeight.from_dense(part) for part in parts]
+    max_nnz = max(1, max(shard.nnz for shard in shards))
+    values = jnp.stack([jnp.pad(sh.values, (0, max_nnz - sh.nnz)) for sh in shards])
+    stacked = SparseWeight(
+        values=values,
+        bitmap=jnp.stack([sh.bitmap for sh in shards]),
+        tile_offsets=jnp.stack([sh.tile_offsets for sh in shards]),
+        in_features=parts[0].shape[0],
+        out_features=parts[0].shape[1],
+    )
+    return SparseShards(stacked, w.in_features, w.out_features, split)
+
+
 def _keep_mask(scores: np.ndarray, sparsity: float, pattern: tuple[int, int] | None):
     """Per output column of ``scores [K, N]``: keep the largest scores."""
     k, n = scores.shape

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallax.pallas_kernels import QuantizedWeight, dot_product_attention, quantized_matmul
 from pallax.pallas_kernels.attention import MASK_VALUE, dot_precision, normalize_window
+from pallax.pallas_kernels.sparse import SparseShards, sparse_matmul
 from pallax.sharding.mesh import BATCH_AXES, FSDP, SEQUENCE, TENSOR
 from pallax.sharding.rules import validate_layout
 
@@ -45,8 +46,8 @@ def _mesh(mesh):
     return mesh
 
 
-def _gather_fsdp(w, axis: int, mesh):
-    if mesh.shape[FSDP] == 1:
+def _gather_fsdp(w, axis: int | None, mesh):
+    if mesh.shape[FSDP] == 1 or axis is None:
         return w
     return jax.tree.map(lambda leaf: lax.all_gather(leaf, FSDP, axis=axis, tiled=True), w)
 
@@ -56,8 +57,26 @@ def _linear_parts(w, out_axis, in_axis):
 
     Dense weights are ``[in, out]``; :class:`QuantizedWeight` stores ``[out, in]``
     (padded to 128), is multiplied with :func:`quantized_matmul` and its shards
-    are re-described by ``as_local`` inside ``shard_map``.
+    are re-described by ``as_local`` inside ``shard_map``; :class:`SparseShards`
+    hold one independently packed bitmap weight per tensor shard.
     """
+    if isinstance(w, SparseShards):
+        expected = "out" if out_axis == TENSOR else "in"
+        if w.split != expected:
+            raise ValueError(
+                f"this linear splits {expected}_features over tensor, but the sparse weight "
+                f"was split along {w.split!r}: use split_sparse(w, tensor, {expected!r})"
+            )
+        local = w.stacked
+        k_local, n_local = local.in_features, local.out_features
+        num = local.values.shape[0]
+        padded = (k_local * num, n_local) if w.split == "in" else (k_local, n_local * num)
+
+        def sparse_local(x, shard, **kwargs):
+            return sparse_matmul(x, shard.local(), **kwargs)
+
+        # Sparse shards are replicated over fsdp (no ZeRO-3 gather): in_dim=None.
+        return jax.tree.map(lambda _: P(TENSOR), w), None, sparse_local, padded
     if isinstance(w, QuantizedWeight):
 
         def matmul(x, w_local, **kwargs):
@@ -80,8 +99,9 @@ def column_parallel(x, w, *, mesh=None, **matmul_kwargs):
     """``x @ w`` with ``w [in, out]`` split by columns over ``tensor``.
 
     x: ``[batch, length, in]`` replicated over ``tensor``; w: a dense array
-    sharded ``P(fsdp, tensor)`` or a :class:`QuantizedWeight` sharded by
-    ``w.partition_specs(tensor, fsdp)``. Returns ``[batch, length, out]``
+    sharded ``P(fsdp, tensor)``, a :class:`QuantizedWeight` sharded by
+    ``w.partition_specs(tensor, fsdp)``, or ``split_sparse(w, tensor, "out")``
+    with its leading dim over ``tensor``. Returns ``[batch, length, out]``
     sharded over ``tensor`` on the last dim; the only communication is the
     ZeRO-3 weight gather over ``fsdp``. ``matmul_kwargs`` go to the local
     matmul (e.g. ``act_bits=8``).
@@ -106,15 +126,16 @@ def row_parallel(x, w, *, mesh=None, **matmul_kwargs):
     """``x @ w`` with ``w [in, out]`` split by rows over ``tensor``; psum over ``tensor``.
 
     x: ``[batch, length, in]`` sharded over ``tensor`` on the last dim (the
-    output of :func:`column_parallel`); w: dense ``P(tensor, fsdp)`` or a
-    :class:`QuantizedWeight` sharded by ``w.partition_specs(fsdp, tensor)``.
+    output of :func:`column_parallel`); w: dense ``P(tensor, fsdp)``, a
+    :class:`QuantizedWeight` sharded by ``w.partition_specs(fsdp, tensor)``, or
+    ``split_sparse(w, tensor, "in")`` with its leading dim over ``tensor``.
     """
     mesh = _mesh(mesh)
     w_spec, in_dim, matmul, (k_padded, n_padded) = _linear_parts(w, FSDP, TENSOR)
     out_features = w.shape[1]
 
     def local(x, w):
-        out_dim = 1 - in_dim
+        out_dim = None if in_dim is None else 1 - in_dim
         return lax.psum(matmul(x, _gather_fsdp(w, out_dim, mesh), **matmul_kwargs), TENSOR)
 
     y = jax.shard_map(
