@@ -305,3 +305,29 @@ def test_sparse_tp_mlp_matches_unsharded_and_trains_values_only():
     with pytest.raises(ValueError, match="split along 'in'"):
         with jax.set_mesh(mesh):
             ps.column_parallel(xs, down_s)
+
+
+def test_wrappers_work_on_explicit_axis_meshes():
+    """jax's sharding-in-types mode (AxisType.Explicit) with jax.set_mesh."""
+    q, k, v, do = random_qkv(3, 4, 64, 64, 8, 4, 16, jnp.float32)
+    ref = dot_product_attention(q, k, v, is_causal=True, local_window_size=8)
+    params, x, names = inputs()
+    ref_loss, ref_grads = reference()
+    mesh = ps.make_mesh(data=2, tensor=2, sequence=2, axis_types="explicit")
+    with jax.set_mesh(mesh):
+        args = jax.device_put((q, k, v), NamedSharding(mesh, parallel.HEADS))
+        for method in ("ring", "halo"):
+            out = jax.jit(
+                functools.partial(
+                    ps.attention, is_causal=True, local_window_size=8, sequence_method=method
+                )
+            )(*args)
+            np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+        sharded = ps.shard_params(params, names, mesh)
+        xs = jax.device_put(x, ps.named_sharding(mesh, ("batch", "length", "act_embed")))
+        step = jax.jit(jax.value_and_grad(functools.partial(loss_fn, sequence_method="ring")))
+        loss, grads = step(sharded, xs)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+    assert_trees_close(grads, ref_grads)
+    # Explicit mode carries shardings in types: the gradients keep the params' layout.
+    assert grads["w_up"].sharding.spec == ps.logical_to_spec(names["w_up"])
