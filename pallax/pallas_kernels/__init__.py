@@ -4,6 +4,7 @@ from pallax.pallas_kernels.attention import dot_product_attention
 from pallax.pallas_kernels.attention_mgpu import AttentionConfig
 from pallax.pallas_kernels.decode_attention import decode_attention
 from pallax.pallas_kernels.decode_attention_mgpu import DecodeConfig
+from pallax.pallas_kernels.linear import linear
 from pallax.pallas_kernels.quantization import (
     QuantizedWeight,
     fake_quantize,
@@ -33,6 +34,7 @@ __all__ = [
     "decode_attention",
     "dot_product_attention",
     "fake_quantize",
+    "linear",
     "lkd",
     "quantize",
     "quantize_activations",

@@ -29,9 +29,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from pallax.pallas_kernels import QuantizedWeight, dot_product_attention, quantized_matmul
+from pallax.pallas_kernels import QuantizedWeight, dot_product_attention, linear
 from pallax.pallas_kernels.attention import MASK_VALUE, dot_precision, normalize_window
-from pallax.pallas_kernels.sparse import SparseShards, sparse_matmul
+from pallax.pallas_kernels.sparse import SparseShards
 from pallax.sharding.mesh import BATCH_AXES, FSDP, SEQUENCE, TENSOR
 from pallax.sharding.rules import validate_layout
 
@@ -55,8 +55,8 @@ def _gather_fsdp(w, axis: int | None, mesh):
 def _linear_parts(w, out_axis, in_axis):
     """(weight spec, in-dim axis of the stored layout, local matmul, padded dims) for ``w``.
 
-    Dense weights are ``[in, out]``; :class:`QuantizedWeight` stores ``[out, in]``
-    (padded to 128), is multiplied with :func:`quantized_matmul` and its shards
+    All run :func:`pallax.pallas_kernels.linear` locally. Dense weights are
+    ``[in, out]``; :class:`QuantizedWeight` stores ``[out, in]`` (padded to 128); its shards
     are re-described by ``as_local`` inside ``shard_map``; :class:`SparseShards`
     hold one independently packed bitmap weight per tensor shard.
     """
@@ -73,18 +73,18 @@ def _linear_parts(w, out_axis, in_axis):
         padded = (k_local * num, n_local) if w.split == "in" else (k_local, n_local * num)
 
         def sparse_local(x, shard, **kwargs):
-            return sparse_matmul(x, shard.local(), **kwargs)
+            return linear(x, shard.local(), **kwargs)
 
         # Sparse shards are replicated over fsdp (no ZeRO-3 gather): in_dim=None.
         return jax.tree.map(lambda _: P(TENSOR), w), None, sparse_local, padded
     if isinstance(w, QuantizedWeight):
 
         def matmul(x, w_local, **kwargs):
-            return quantized_matmul(x, w_local.as_local(), **kwargs)
+            return linear(x, w_local.as_local(), **kwargs)
 
         padded = (w.padded_in_features, w.values.shape[0])
         return w.partition_specs(out_axis, in_axis), 1, matmul, padded
-    return P(in_axis, out_axis), 0, jnp.matmul, w.shape
+    return P(in_axis, out_axis), 0, linear, w.shape
 
 
 def _pad_last(x, size):
