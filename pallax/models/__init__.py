@@ -1,1 +1,31 @@
-"""pallax.models (see the project issues for its scope)."""
+"""Flax NNX decoder transformers (Llama / Mistral family) on pallax kernels."""
+
+from pallax.models.convert import (
+    collect_linear_inputs,
+    linears,
+    model_nbytes,
+    quantize_model,
+    sparsify_model,
+)
+from pallax.models.generate import generate
+from pallax.models.transformer import (
+    Linear,
+    Transformer,
+    TransformerConfig,
+    logical_shardings,
+    shard_model,
+)
+
+__all__ = [
+    "Linear",
+    "Transformer",
+    "TransformerConfig",
+    "collect_linear_inputs",
+    "generate",
+    "linears",
+    "logical_shardings",
+    "model_nbytes",
+    "quantize_model",
+    "shard_model",
+    "sparsify_model",
+]
