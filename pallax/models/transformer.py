@@ -126,7 +126,7 @@ class RMSNorm(nnx.Module):
 
 
 def rope(x, positions, theta: float):
-    """Rotary embedding, Llama "rotate half" convention: x ``[B, T, H, D]``, positions ``[B, T]``."""
+    """Rotary embedding ("rotate half", as Llama): x ``[B, T, H, D]``, positions ``[B, T]``."""
     half = x.shape[-1] // 2
     freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, half]
