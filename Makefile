@@ -5,6 +5,11 @@ PYTHON ?= $(shell for p in python3.12 python3.13 python3 $$(ls -d $$HOME/.pyenv/
 	$$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && command -v $$p && break; done)
 VENV := .venv
 PY := $(VENV)/bin/python
+# Hugging Face reference (torch CPU) for the model parity tests, in its own venv:
+# the local torch CPU wheel is built for Python 3.11.
+HF_PYTHON ?= $(shell for p in python3.11 $$(ls -d $$HOME/.pyenv/versions/3.11*/bin/python3 2>/dev/null) python3; do \
+	$$p -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null && command -v $$p && break; done)
+HF_VENV := .venv-hf
 
 .PHONY: demo test lint bench clean
 
@@ -18,8 +23,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: $(VENV)/.installed
 	$(PY) -m pallax demo
 
-test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+$(HF_VENV)/.installed: tests/hf_requirements.txt
+	@test -n "$(HF_PYTHON)" || { echo "error: Python 3.11 (for torch CPU) not found; set HF_PYTHON"; exit 1; }
+	$(HF_PYTHON) -m venv $(HF_VENV)
+	$(HF_VENV)/bin/python -m pip install -q -r tests/hf_requirements.txt
+	@touch $@
+
+test: $(VENV)/.installed $(HF_VENV)/.installed
+	PALLAX_HF_PYTHON=$(HF_VENV)/bin/python $(PY) -m pytest -q -n 2 --durations=15 tests
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check pallax tests benchmarks
@@ -29,4 +40,4 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.attention
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(HF_VENV)

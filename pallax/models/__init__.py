@@ -8,6 +8,7 @@ from pallax.models.convert import (
     sparsify_model,
 )
 from pallax.models.generate import generate
+from pallax.models.hf import from_hf, to_hf
 from pallax.models.transformer import (
     Linear,
     Transformer,
@@ -21,6 +22,7 @@ __all__ = [
     "Transformer",
     "TransformerConfig",
     "collect_linear_inputs",
+    "from_hf",
     "generate",
     "linears",
     "logical_shardings",
@@ -28,4 +30,5 @@ __all__ = [
     "quantize_model",
     "shard_model",
     "sparsify_model",
+    "to_hf",
 ]

@@ -1,0 +1,192 @@
+"""Hugging Face Llama / Mistral checkpoints <-> :class:`Transformer`.
+
+``from_hf`` reads ``config.json`` and the safetensors file(s) (sharded
+checkpoints via ``model.safetensors.index.json``) one tensor at a time and puts
+each straight onto the mesh with its logical sharding, so the host never holds
+the whole model. ``to_hf`` writes a directory ``transformers`` can load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from pallax.models.transformer import Transformer, TransformerConfig, logical_shardings
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+def config_from_hf(hf: dict) -> TransformerConfig:
+    architectures = hf.get("architectures") or [None]
+    if architectures[0] not in SUPPORTED:
+        raise ValueError(f"unsupported architecture {architectures[0]!r}; expected {SUPPORTED}")
+    if hf.get("rope_scaling"):
+        raise ValueError(f"rope_scaling {hf['rope_scaling']!r} is not supported yet")
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    rope_parameters = hf.get("rope_parameters") or {}  # transformers >= 5 nests RoPE here
+    if rope_parameters.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_type {rope_parameters['rope_type']!r} is not supported yet")
+    rope_theta = hf.get("rope_theta", rope_parameters.get("rope_theta", 10000.0))
+    return TransformerConfig(
+        vocab_size=hf["vocab_size"],
+        embed_dim=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"),
+        mlp_dim=hf["intermediate_size"],
+        rope_theta=float(rope_theta),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        sliding_window=window,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def config_to_hf(config: TransformerConfig) -> dict:
+    if config.layer_windows is not None and len(set(config.layer_windows)) > 1:
+        raise ValueError("per-layer windows have no Llama/Mistral config equivalent")
+    mistral = config.sliding_window is not None
+    return {
+        "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
+        "model_type": "mistral" if mistral else "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.embed_dim,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.dim_per_head,
+        "intermediate_size": config.mlp_dim,
+        "rope_theta": config.rope_theta,
+        "rms_norm_eps": config.norm_eps,
+        "sliding_window": config.sliding_window,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "torch_dtype": "float32",
+    }
+
+
+def _hf_names(config: TransformerConfig) -> dict[str, tuple[tuple, bool]]:
+    """HF tensor name -> (our parameter path, transpose?)."""
+    names = {
+        "model.embed_tokens.weight": (("embed",), False),
+        "model.norm.weight": (("final_norm", "scale"), False),
+    }
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = (("lm_head", "kernel"), True)
+    for i in range(config.num_layers):
+        prefix = f"model.layers.{i}."
+        block = ("blocks", i)
+        names[prefix + "input_layernorm.weight"] = ((*block, "input_norm", "scale"), False)
+        names[prefix + "post_attention_layernorm.weight"] = (
+            (*block, "post_attention_norm", "scale"),
+            False,
+        )
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            names[prefix + f"self_attn.{proj}.weight"] = (
+                (*block, "attention", proj, "kernel"),
+                True,
+            )
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            names[prefix + f"mlp.{proj}.weight"] = ((*block, "mlp", proj, "kernel"), True)
+    return names
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"no model.safetensors or index in {path}")
+    with safe_open(single, "np") as f:
+        return {name: single for name in f.keys()}
+
+
+def from_hf(path, *, mesh=None, dtype: str = "bfloat16", **config_overrides) -> Transformer:
+    """Loads a Llama / Mistral checkpoint directory into a :class:`Transformer`.
+
+    With ``mesh`` the parameters are created directly sharded by the logical
+    rules (tensor by tensor: nothing is materialised whole on the host beyond
+    one tensor). ``config_overrides`` replace TransformerConfig fields (e.g.
+    ``attention_implementation``).
+    """
+    path = Path(path)
+    config = config_from_hf(json.loads((path / "config.json").read_text()))
+    config = TransformerConfig(**{**config.__dict__, "dtype": dtype, **config_overrides})
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    shardings = logical_shardings(model, mesh) if mesh is not None else None
+    files = _tensor_files(path)
+    names = _hf_names(config)
+    missing = sorted(set(names) - set(files))
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks tensors {missing[:5]}")
+    state = nnx.state(model)
+    flat = dict(nnx.to_flat_state(state))
+    flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+    for name, (param_path, transpose) in names.items():
+        variable = flat[param_path]
+        expected = variable.get_value().shape
+        with safe_open(files[name], "np") as f:
+            tensor = f.get_slice(name)
+            stored = tuple(tensor.get_shape())
+            if (stored[::-1] if transpose else stored) != expected:
+                raise ValueError(f"{name}: shape {stored} does not match the config ({expected})")
+
+            def read(index, tensor=tensor, transpose=transpose, shape=expected):
+                """Only the block a device holds is read from disk."""
+                index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+                block = tensor[index[::-1]].T if transpose else tensor[index]
+                return np.asarray(block, np.float32)
+
+            if param_path in flat_shardings:
+                value = jax.make_array_from_callback(expected, flat_shardings[param_path], read)
+            else:
+                value = jnp.asarray(read((slice(None),) * len(expected)))
+        variable.set_value(value)
+    nnx.update(model, nnx.from_flat_state(flat))
+    return model
+
+
+def to_hf(model: Transformer, path, *, max_shard_bytes: int | None = None) -> Path:
+    """Writes ``config.json`` + safetensors (sharded when over ``max_shard_bytes``)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    (path / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    tensors = {}
+    for name, (param_path, transpose) in _hf_names(config).items():
+        value = flat[param_path].get_value()
+        if not isinstance(value, jax.Array):
+            raise ValueError(f"{name} is {type(value).__name__}: convert to dense before to_hf")
+        array = np.asarray(jax.device_get(value), np.float32)
+        tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+    if max_shard_bytes is None:
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        return path
+    shards, current, size = [], {}, 0
+    for name, array in tensors.items():
+        if current and size + array.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = array
+        size += array.nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2)
+    )
+    return path
