@@ -173,3 +173,27 @@ def test_sharded_forward_and_generation_match_single_device(mesh_sizes):
         np.testing.assert_allclose(np.asarray(out), ref, atol=2e-4, rtol=2e-4)
         if mesh.shape["sequence"] == 1:
             np.testing.assert_array_equal(np.asarray(generate(m, x[:, :6], 5)), ref_gen)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+@pytest.mark.parametrize(
+    "convert",
+    [lambda m: quantize_model(m, bits=4), lambda m: quantize_model(m, bits=8, act_bits=8),
+     lambda m: sparsify_model(m, 0.5)],
+    ids=["w4", "w8a8", "sparse50"],
+)
+def test_sharded_converted_models_match_single_device(convert):
+    config = TransformerConfig(vocab_size=64, embed_dim=256, num_layers=2, num_heads=4,
+                               num_kv_heads=2, mlp_dim=512, sliding_window=8, dtype="float32")
+    m = convert(model(config))
+    x = tokens((4, 16))
+    ref = np.asarray(m(x))
+    mesh = ps.make_mesh(data=2, fsdp=2, tensor=2)
+    with jax.set_mesh(mesh):
+        shard_model(m, mesh)
+        up = m.blocks[0].mlp.up_proj.kernel.get_value()
+        leaf = jax.tree.leaves(up)[0]
+        assert leaf.addressable_shards[0].data.nbytes < leaf.nbytes  # really split
+        out = nnx.jit(lambda m, x: m(x))(m, jnp.asarray(x))
+    # Row-parallel W8A8 quantizes activations per tensor shard: small differences.
+    np.testing.assert_allclose(np.asarray(out), ref, atol=2e-2 * np.abs(ref).max())

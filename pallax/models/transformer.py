@@ -16,9 +16,17 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pallax import sharding as ps
-from pallax.pallas_kernels import dot_product_attention, linear
+from pallax.pallas_kernels import (
+    QuantizedWeight,
+    SparseWeight,
+    dot_product_attention,
+    linear,
+    split_sparse,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,23 +264,48 @@ class Transformer(nnx.Module):
 
 
 def logical_shardings(model: nnx.Module, mesh) -> nnx.State:
-    """NamedSharding per parameter from its ``logical_axes`` metadata."""
+    """NamedSharding per dense parameter from its ``logical_axes`` metadata
+    (sparse / quantized weights: see :func:`shard_model`)."""
     state = nnx.state(model)
+    replicated = NamedSharding(mesh, P())
 
     def sharding(variable):
         value = variable.get_value()
         names = variable.get_metadata().get("logical_axes")
-        if names is None or not hasattr(value, "ndim") or len(names) != value.ndim:
-            spec = jax.sharding.PartitionSpec()
-            return jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, spec), value)
+        if not hasattr(value, "ndim"):  # sparse / quantized: placed by shard_model
+            return replicated
+        if names is None or len(names) != value.ndim:
+            return replicated
         return ps.named_sharding(mesh, names)
 
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_model(model: nnx.Module, mesh) -> nnx.Module:
-    """Places every parameter on ``mesh`` according to the logical-axis rules."""
+    """Places every parameter on ``mesh`` according to the logical-axis rules.
+
+    Quantized linears are split like their dense counterparts (column-parallel:
+    out over ``tensor``, in over ``fsdp``; row-parallel the other way); sparse
+    linears are repacked per tensor shard (``split_sparse``).
+    """
+    tensor = mesh.shape[ps.TENSOR]
+    for _, layer in nnx.iter_modules(model):
+        if not isinstance(layer, Linear):
+            continue
+        w = layer.kernel.get_value()
+        column = layer.parallel == "column"
+        if isinstance(w, QuantizedWeight):
+            specs = w.partition_specs(*((ps.TENSOR, ps.FSDP) if column else (ps.FSDP, ps.TENSOR)))
+            layer.kernel.set_value(
+                jax.device_put(w, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+            )
+        elif isinstance(w, SparseWeight) and tensor > 1:
+            shards = split_sparse(w, tensor, "out" if column else "in")
+            layer.kernel.set_value(jax.device_put(shards, NamedSharding(mesh, P(ps.TENSOR))))
     state = nnx.state(model)
-    shardings = logical_shardings(model, mesh)
-    nnx.update(model, jax.device_put(state, shardings))
+    shardings = dict(nnx.to_flat_state(logical_shardings(model, mesh)))
+    for path, variable in nnx.to_flat_state(state):
+        if isinstance(variable.get_value(), jax.Array):
+            variable.set_value(jax.device_put(variable.get_value(), shardings[path]))
+    nnx.update(model, state)
     return model
