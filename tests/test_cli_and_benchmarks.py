@@ -54,3 +54,11 @@ def test_spmm_benchmark_quick():
 
     rows = spmm.main(["--quick"])
     assert len(rows) == 4 and all(r[4] > 0 and r[5] > 0 for r in rows)
+
+
+def test_generation_benchmark_quick():
+    from benchmarks import generation
+
+    rows = generation.main(["--quick"])
+    assert {r[0] for r in rows} == {"dense", "w8", "w4", "sparse50", "sparse70"}
+    assert all(r[2] > 0 for r in rows)

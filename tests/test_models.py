@@ -178,13 +178,24 @@ def test_sharded_forward_and_generation_match_single_device(mesh_sizes):
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 @pytest.mark.parametrize(
     "convert",
-    [lambda m: quantize_model(m, bits=4), lambda m: quantize_model(m, bits=8, act_bits=8),
-     lambda m: sparsify_model(m, 0.5)],
+    [
+        lambda m: quantize_model(m, bits=4),
+        lambda m: quantize_model(m, bits=8, act_bits=8),
+        lambda m: sparsify_model(m, 0.5),
+    ],
     ids=["w4", "w8a8", "sparse50"],
 )
 def test_sharded_converted_models_match_single_device(convert):
-    config = TransformerConfig(vocab_size=64, embed_dim=256, num_layers=2, num_heads=4,
-                               num_kv_heads=2, mlp_dim=512, sliding_window=8, dtype="float32")
+    config = TransformerConfig(
+        vocab_size=64,
+        embed_dim=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        mlp_dim=512,
+        sliding_window=8,
+        dtype="float32",
+    )
     m = convert(model(config))
     x = tokens((4, 16))
     ref = np.asarray(m(x))
