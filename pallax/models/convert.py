@@ -42,6 +42,15 @@ def collect_linear_inputs(model: nnx.Module, tokens) -> dict[int, jnp.ndarray]:
     }
 
 
+def _calibration_inputs(model, method: str, needs_data: bool, calibration):
+    """Per-Linear inputs for data-driven methods (None for data-free ones)."""
+    if not needs_data:
+        return None
+    if calibration is None:
+        raise ValueError(f"method={method!r} needs calibration tokens")
+    return collect_linear_inputs(model, calibration)
+
+
 def _selected(model, layers: LayerFilter | None):
     layers = layers or transformer_blocks_only
     return [(path, layer) for path, layer in linears(model) if layers(path, layer)]
@@ -59,11 +68,7 @@ def sparsify_model(
     """Prunes the selected Linears in place (``method="wanda"`` needs ``calibration``
     tokens ``[batch, seq]``) and returns the model."""
     selected = _selected(model, layers)
-    inputs = None
-    if method == "wanda":
-        if calibration is None:
-            raise ValueError("method='wanda' needs calibration tokens")
-        inputs = collect_linear_inputs(model, calibration)
+    inputs = _calibration_inputs(model, method, method == "wanda", calibration)
     for _, layer in selected:
         norms = activation_norms(inputs[id(layer)]) if inputs is not None else None
         w = layer.kernel.get_value()
@@ -94,11 +99,7 @@ def quantize_model(
     if act_bits == 8 and bits != 8:
         raise ValueError(f"act_bits=8 (W8A8) needs bits=8, got bits={bits}")
     selected = _selected(model, layers)
-    inputs = None
-    if method == "lkd":
-        if calibration is None:
-            raise ValueError("method='lkd' needs calibration tokens")
-        inputs = collect_linear_inputs(model, calibration)
+    inputs = _calibration_inputs(model, method, method == "lkd", calibration)
     for _, layer in selected:
         w = layer.kernel.get_value()
         k = w.shape[0]
