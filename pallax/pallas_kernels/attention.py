@@ -104,25 +104,23 @@ def dot_precision(dtype):
     }.get(jnp.dtype(dtype))
 
 
-def attention_reference(query, key, value, *, scale: float, left: int, right: int):
-    """XLA attention in fp32 softmax with the window mask; differentiable by autodiff.
+def masked_attention(query, key, value, mask, *, scale: float):
+    """GQA attention under a boolean ``mask [B or 1, T, S]``, fp32 softmax, XLA.
 
-    Shapes: query ``[B, T, H, D]``, key/value ``[B, S, K, D]`` -> ``[B, T, H, D]``.
+    Rows without any visible key give zeros. Shapes: query ``[B, T, H, D]``,
+    key/value ``[B, S, K, D]`` -> ``[B, T, H, D]``.
     """
     b, q_len, num_heads, head_dim = query.shape
-    kv_len, num_kv_heads = key.shape[1], key.shape[2]
-    group = num_heads // num_kv_heads
-    q = query.reshape(b, q_len, num_kv_heads, group, head_dim)
+    num_kv_heads = key.shape[2]
+    q = query.reshape(b, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
     precision = dot_precision(query.dtype)
     logits = jnp.einsum(
         "btkgd,bskd->bkgts", q, key, precision=precision, preferred_element_type=jnp.float32
     )
-    logits = logits * scale
-    offsets = jnp.arange(kv_len)[None, :] - jnp.arange(q_len)[:, None]
-    mask = (offsets >= -left) & (offsets <= right)  # [T, S]
     # A finite fill keeps exp() fast on CPU; rows without any visible key are
     # zeroed explicitly below instead of averaging over masked keys.
-    probs = jax.nn.softmax(jnp.where(mask, logits, MASK_VALUE), axis=-1)
+    logits = jnp.where(mask[:, None, None], logits * scale, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum(
         "bkgts,bskd->btkgd",
         probs.astype(value.dtype),
@@ -130,8 +128,15 @@ def attention_reference(query, key, value, *, scale: float, left: int, right: in
         precision=precision,
         preferred_element_type=jnp.float32,
     )
-    out = out * mask.any(axis=1)[None, :, None, None, None]
+    out = out * mask.any(axis=-1)[:, :, None, None, None]
     return out.reshape(query.shape).astype(query.dtype)
+
+
+def attention_reference(query, key, value, *, scale: float, left: int, right: int):
+    """XLA attention with the window mask; differentiable by autodiff."""
+    offsets = jnp.arange(key.shape[1])[None, :] - jnp.arange(query.shape[1])[:, None]
+    mask = (offsets >= -left) & (offsets <= right)  # [T, S]
+    return masked_attention(query, key, value, mask[None], scale=scale)
 
 
 def _round_up(x: int, multiple: int) -> int:

@@ -32,34 +32,13 @@ def _left_window(local_window_size, cache_len: int) -> int:
 
 def decode_attention_reference(query, key_cache, value_cache, lengths, geometry, scale):
     """XLA version of the decode kernel. Shapes as :func:`decode_attention`."""
-    b, num_new, num_heads, head_dim = query.shape
-    cache_len, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    group = num_heads // num_kv_heads
-    q = query.reshape(b, num_new, num_kv_heads, group, head_dim)
-    precision = attention_op.dot_precision(query.dtype)
-    logits = jnp.einsum(
-        "btkgd,bskd->bkgts", q, key_cache, precision=precision, preferred_element_type=jnp.float32
-    )
-    logits = logits * scale
+    num_new, cache_len = query.shape[1], key_cache.shape[1]
     slots = jnp.arange(cache_len, dtype=jnp.int32)
     key_pos = jax.vmap(lambda n: geometry.positions(slots, n))(lengths)  # [B, S]
     query_pos = lengths[:, None] - num_new + jnp.arange(num_new)[None, :]  # [B, T]
     kp, qp = key_pos[:, None, :], query_pos[:, :, None]
     visible = (kp >= 0) & (kp <= qp) & (kp >= qp - geometry.left)  # [B, T, S]
-    logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    unnormalized = jnp.exp(logits - row_max)
-    denom = unnormalized.sum(axis=-1, keepdims=True)
-    probs = unnormalized / jnp.where(denom == 0, 1.0, denom)
-    out = jnp.einsum(
-        "bkgts,bskd->btkgd",
-        probs.astype(value_cache.dtype),
-        value_cache,
-        precision=precision,
-        preferred_element_type=jnp.float32,
-    )
-    return out.reshape(query.shape).astype(query.dtype)
+    return attention_op.masked_attention(query, key_cache, value_cache, visible, scale=scale)
 
 
 def decode_attention(
