@@ -4,6 +4,7 @@ The reference runs in a separate Python 3.11 venv (``make test`` builds
 ``.venv-hf``; its python is passed in ``PALLAX_HF_PYTHON``).
 """
 
+import dataclasses
 import os
 import subprocess
 from pathlib import Path
@@ -17,6 +18,16 @@ from pallax.models import Transformer, TransformerConfig, generate
 from pallax.models.hf import from_hf, to_hf
 
 REFERENCE = Path(__file__).with_name("hf_reference.py")
+# Mirrors hf_reference.tiny_config (Llama flavour; Mistral adds a window).
+TINY = TransformerConfig(
+    vocab_size=96,
+    embed_dim=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_dim=160,
+    dtype="float32",
+)
 
 
 def hf_python() -> str:
@@ -48,16 +59,7 @@ def test_from_hf_matches_transformers_logits(kind, tmp_path):
 
 
 def test_to_hf_round_trip_loads_in_transformers(tmp_path):
-    config = TransformerConfig(
-        vocab_size=96,
-        embed_dim=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        mlp_dim=160,
-        sliding_window=5,
-        dtype="float32",
-    )
+    config = dataclasses.replace(TINY, sliding_window=5)
     model = Transformer(config, rngs=nnx.Rngs(3))
     tokens = np.random.default_rng(1).integers(0, 96, (2, 16))
     np.save(tmp_path / "tokens.npy", tokens)
@@ -88,16 +90,7 @@ def test_from_hf_streams_onto_a_mesh(tmp_path):
 
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices")
-    config = TransformerConfig(
-        vocab_size=96,
-        embed_dim=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        mlp_dim=160,
-        dtype="float32",
-    )
-    model = Transformer(config, rngs=nnx.Rngs(4))
+    model = Transformer(TINY, rngs=nnx.Rngs(4))
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 96, (4, 8)), jnp.int32)
     to_hf(model, tmp_path)
     mesh = ps.make_mesh(data=2, fsdp=2, tensor=2)
