@@ -11,29 +11,13 @@ every call streams its weight from HBM. Speedups are relative to XLA bf16
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import L2_BYTES, time_rotating
 from pallax.pallas_kernels import quantize, quantized_matmul
-
-L2_BYTES = 50 * 2**20
-
-
-def _time_rotating(fn, xs, weights, iters):
-    """Median seconds per call, cycling through ``weights`` so none stays in L2."""
-    for w in weights[:2]:
-        jax.block_until_ready(fn(xs, w))
-    samples = []
-    for i in range(iters):
-        w = weights[i % len(weights)]
-        start = time.perf_counter()
-        jax.block_until_ready(fn(xs, w))
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def _mixed_type_baseline():
@@ -112,7 +96,7 @@ def run(ms, shapes, iters, on_gpu):
                 if fn is None:
                     continue  # jax's mixed-type kernel needs a Hopper GPU.
                 try:
-                    times[name] = _time_rotating(fn, xs, ws, iters)
+                    times[name] = time_rotating(fn, xs, ws, iters)
                 except Exception as e:  # noqa: BLE001 - report and go on
                     print(f"  {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
             line = f"{m:>6}{k:>7}{n:>7}"

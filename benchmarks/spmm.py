@@ -14,33 +14,20 @@ so on a GPU this measures the format's decode cost, not the target kernel.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import L2_BYTES, time_rotating
 from pallax.pallas_kernels import sparse_matmul, sparsify
 
-L2_BYTES = 50 * 2**20
 SHAPES = {
     "opt30b": [(21504, 7168), (7168, 7168), (28672, 7168), (7168, 28672)],
     "opt66b": [(27648, 9216), (9216, 9216), (36864, 9216), (9216, 36864)],
     "opt175b": [(36864, 12288), (12288, 12288), (49152, 12288), (12288, 49152)],
     "llama": [(4096, 4096), (14336, 4096), (4096, 14336)],
 }
-
-
-def _time(fn, x, weights, iters):
-    for w in weights[:2]:
-        jax.block_until_ready(fn(x, w))
-    samples = []
-    for i in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(x, weights[i % len(weights)]))
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def run(shapes, tokens, sparsities, iters):
@@ -63,8 +50,8 @@ def run(shapes, tokens, sparsities, iters):
             bound = 2 / (2 * (1 - sparsity) + 1 / 8)
             for n in tokens:
                 x = jnp.asarray(rng.standard_normal((n, k_in)), jnp.bfloat16)
-                t_dense = _time(dense_fn, x, dense, iters)
-                t_sparse = _time(sparse_fn, x, sparse, iters)
+                t_dense = time_rotating(dense_fn, x, dense, iters)
+                t_sparse = time_rotating(sparse_fn, x, sparse, iters)
                 gbps = sparse[0].nbytes / t_sparse / 1e9
                 print(
                     f"{m_out:>7}{k_in:>7}{n:>4}{sparsity:>9.0%}{t_dense * 1e6:>10.1f}"
