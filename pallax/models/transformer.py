@@ -54,6 +54,7 @@ class TransformerConfig:
     dtype: str = "bfloat16"  # compute dtype; parameters are float32
     attention_implementation: str | None = None
     sequence_method: str = "ulysses"
+    remat: bool = False  # recompute each block's activations in the backward pass
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -245,7 +246,10 @@ class Transformer(nnx.Module):
         x = ps.shard_as(x, ("batch", "length", "act_embed"))
         kvs = []
         for block in self.blocks:
-            x, kv = block(x, positions)
+            if c.remat:
+                x, kv = nnx.remat(lambda blk, x, p: blk(x, p))(block, x, positions)
+            else:
+                x, kv = block(x, positions)
             x = ps.shard_as(x, ("batch", "length", "act_embed"))
             kvs.append(kv)
         x = self.final_norm(x)
@@ -289,13 +293,22 @@ def shard_model(model: nnx.Module, mesh) -> nnx.Module:
     linears are repacked per tensor shard (``split_sparse``).
     """
     tensor = mesh.shape[ps.TENSOR]
-    for _, layer in nnx.iter_modules(model):
+    for path, layer in nnx.iter_modules(model):
         if not isinstance(layer, Linear):
             continue
         w = layer.kernel.get_value()
         column = layer.parallel == "column"
         if isinstance(w, QuantizedWeight):
-            specs = w.partition_specs(*((ps.TENSOR, ps.FSDP) if column else (ps.FSDP, ps.TENSOR)))
+            out_axis, in_axis = (ps.TENSOR, ps.FSDP) if column else (ps.FSDP, ps.TENSOR)
+            groups = w.scales.shape[1]
+            if w.values.shape[0] % mesh.shape[out_axis] or groups % mesh.shape[in_axis]:
+                raise ValueError(
+                    f"{'.'.join(map(str, path))}: quantized weight with {w.values.shape[0]} "
+                    f"padded outputs and {groups} groups of {w.group_size} inputs cannot be "
+                    f"split {mesh.shape[out_axis]} x {mesh.shape[in_axis]} over "
+                    f"({out_axis}, {in_axis}); use a smaller group_size or mesh"
+                )
+            specs = w.partition_specs(out_axis, in_axis)
             layer.kernel.set_value(
                 jax.device_put(w, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
             )
