@@ -37,7 +37,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check pallax tests benchmarks
 
 bench: $(VENV)/.installed
-	$(PY) -m benchmarks.attention
+	$(PY) -m pallax bench attention
 
 clean:
 	rm -rf $(VENV) $(HF_VENV)
