@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 
+from pallax import sharding as ps
 from pallax.train import Trainer, preset_config
 from pallax.train.metrics import device_peak_tflops, training_flops_per_token
 
@@ -77,7 +78,9 @@ def main(argv=None):
             model=dict(sliding_window=window, attention_implementation=implementation),
         )  # fmt: skip
         try:
-            trainer = Trainer(config, tokens=tokens, progress=False, log=lambda *_: None)
+            # The quick smoke test stays on one device even with fake CPU devices.
+            mesh = ps.make_mesh(devices=jax.devices()[:1]) if quick else None
+            trainer = Trainer(config, tokens=tokens, mesh=mesh, progress=False, log=lambda *_: None)
             step_time = time_steps(trainer, steps)
         except Exception as e:  # e.g. XLA attention running out of memory at 16k
             print(f"{label:<30}  failed: {type(e).__name__}: {str(e)[:80]}")

@@ -133,7 +133,12 @@ def _train(args) -> None:
     if model_values and model is not None:
         raise ValueError("model settings cannot change when fine-tuning a checkpoint (--init-from)")
     config = from_dict({**to_dict(config), **values, "model": model_values}, config)
-    out = args.out or f"runs/{args.preset or Path(args.config or args.init_from or 'tiny').stem}"
+    if args.out:
+        out = args.out
+    elif args.init_from:
+        out = f"{args.init_from.rstrip('/')}-finetune"
+    else:
+        out = f"runs/{args.preset or (Path(args.config).stem if args.config else 'tiny')}"
     trainer = Trainer(config, model=model, output_dir=out, progress=not args.no_progress)
     trainer.fit()
     trainer.close()
