@@ -24,15 +24,18 @@ def shard_params(params, logical_names, mesh):
     return jax.device_put(params, param_shardings(logical_names, mesh))
 
 
-def init_optimizer_state(optimizer: optax.GradientTransformation, params):
+def init_optimizer_state(optimizer: optax.GradientTransformation, params, mesh=None):
     """``optimizer.init(params)`` with every param-shaped state sharded like its param.
+
+    ``mesh`` (for the replicated non-param states such as step counts) defaults
+    to the mesh of the first parameter's sharding.
 
     Without this, jit would leave Adam moments replicated: 2x the parameter
     memory on every device, defeating FSDP.
     """
     abstract_state = jax.eval_shape(optimizer.init, params)
     shardings = jax.tree.map(lambda p: p.sharding, params)
-    mesh = jax.tree.leaves(shardings)[0].mesh
+    mesh = mesh if mesh is not None else jax.tree.leaves(shardings)[0].mesh
     state_shardings = optax.tree_map_params(
         optimizer,
         lambda _, sharding: sharding,

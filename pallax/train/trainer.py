@@ -211,19 +211,9 @@ class Trainer:
 
     def _init_optimizer(self):
         trainable = self._trainable(self.params)
-        shardings = [leaf.sharding for leaf in trainable]
-        abstract = jax.eval_shape(self.optimizer.init, trainable)
         if self.mesh is None:
             return self.optimizer.init(trainable)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        out = optax.tree_map_params(
-            self.optimizer,
-            lambda _, sharding: sharding,
-            abstract,
-            shardings,
-            transform_non_params=lambda _: replicated,
-        )
-        return jax.jit(self.optimizer.init, out_shardings=out)(trainable)
+        return ps.init_optimizer_state(self.optimizer, trainable, self.mesh)
 
     @property
     def model(self) -> Transformer:
