@@ -2,25 +2,28 @@
 
 Layout of :class:`SparseWeight` for a logical ``[in_features K, out_features N]``
 weight, stored transposed (``[N, K]``, K-major like :class:`QuantizedWeight`)
-and zero-padded to multiples of the tile ``(TILE_ROWS=64 outputs x TILE_K=64
-inputs)``:
+and zero-padded to whole tiles of ``TILE_ROWS=64`` outputs x ``TILE_K=64``
+inputs; ``nT = Np / 64``, ``kT = Kp / 64``:
 
-* ``bitmap``: ``uint32 [Np, Kp / 32]``, bit ``k % 32`` of word ``k // 32`` is
-  set where ``W[k, n] != 0`` (1 bit per element).
-* ``values``: the nonzeros, ``[nnz]`` in the weight dtype, tile after tile
-  (tiles row-major over ``(n_tile, k_tile)``), and row-major inside a tile.
-* ``tile_offsets``: ``int32 [Np / 64, Kp / 64]``, index in ``values`` of each
-  tile's first nonzero (4 bytes per 4096 elements).
+* ``bitmap``: ``uint32 [nT, kT, 128]``, tile-major. Word ``2 r + h`` of a tile
+  holds row ``r``'s inputs ``32 h .. 32 h + 31``, bit ``i`` for input
+  ``32 h + i`` (1 bit per element; each tile's 512 bytes are contiguous, so
+  one TMA copy fetches them).
+* ``values``: the nonzeros ``[nnz]`` in the weight dtype, tile after tile (tiles
+  row-major over ``(n_tile, k_tile)``), row-major inside a tile, i.e. in the
+  order of the bitmap's bits.
+* ``tile_offsets``: ``int32 [nT, kT, 4]``, index in ``values`` of the first
+  nonzero of each 16-row quarter of each tile (what one warp decodes).
 
-Bytes per element at density ``d``: ``2 d + 1/8 + 1/1024`` for bf16 values, vs
-2 dense; Tiled-CSL (Flash-LLM) costs ``4 d``. A tile decodes with a popcount
-prefix over its bitmap: nonzero ``i`` of the tile is ``values[offset + i]``.
+Bytes per element at density ``d``: ``2 d + 1/8 + 1/256`` for bf16 values, vs
+2 dense; Tiled-CSL (Flash-LLM) costs ``4 d``. Nonzero ``i`` of a quarter is
+``values[offset + i]``, so a tile decodes with popcounts of its bitmap words
+and a prefix sum across them (see :mod:`pallax.pallas_kernels.sparse_matmul_mgpu`).
 
-``sparse_matmul`` currently runs on XLA (decode, then a dense dot): a Mosaic
-GPU decode needs per-lane gathers from shared memory and popcount, which the
-Pallas Mosaic GPU lowering does not expose in jax 0.11 (see the issue notes).
-Gradients of the XLA path flow to ``x`` and to the nonzero ``values`` only: the
-mask is fixed.
+``sparse_matmul`` runs the Mosaic GPU kernel of
+:mod:`~pallax.pallas_kernels.sparse_matmul_mgpu` for skinny products on Hopper
+and XLA (decode, then a dense dot) elsewhere. Gradients flow to ``x`` and to
+the nonzero ``values`` only: the mask is fixed.
 """
 
 from __future__ import annotations
@@ -53,19 +56,37 @@ def _from_tile_major(tiles, np_: int, kp: int):
     return rows.transpose(0, 2, 1, 3).reshape(np_, kp)
 
 
-def _pack_bits(mask_t: np.ndarray) -> np.ndarray:
-    np_, kp = mask_t.shape
-    bits = mask_t.reshape(np_, kp // WORD_BITS, WORD_BITS).astype(np.uint64)
+QUARTER = TILE_ROWS * TILE_K // 4  # elements of a 16-row quarter tile (one warp)
+WORDS_PER_TILE = TILE_ROWS * TILE_K // WORD_BITS
+
+
+def _pack_bitmap(mask_t: np.ndarray) -> np.ndarray:
+    """bool ``[Np, Kp]`` -> uint32 ``[nT, kT, 128]`` (tile-major words)."""
+    tiles = _tile_major(mask_t)
+    bits = tiles.reshape(*tiles.shape[:2], WORDS_PER_TILE, WORD_BITS).astype(np.uint64)
     weights = np.uint64(1) << np.arange(WORD_BITS, dtype=np.uint64)
     return (bits * weights).sum(axis=-1).astype(np.uint32)
 
 
-def _unpack_bits(bitmap):
-    """uint32 ``[Np, Kp/32]`` -> bool ``[Np, Kp]`` (works on numpy and jax arrays)."""
+def _bitmap_tiles(bitmap):
+    """uint32 ``[nT, kT, 128]`` -> bool ``[nT, kT, 4096]`` (numpy or jax)."""
     xp = jnp if isinstance(bitmap, jax.Array) else np
     shifts = xp.arange(WORD_BITS, dtype=xp.uint32)
     bits = (bitmap[..., None] >> shifts) & xp.uint32(1)
-    return bits.reshape(bitmap.shape[0], -1).astype(bool)
+    return bits.reshape(*bitmap.shape[:2], -1).astype(bool)
+
+
+def _unpack_bits(bitmap):
+    """uint32 ``[nT, kT, 128]`` -> bool ``[Np, Kp]`` (numpy or jax)."""
+    n_tiles, k_tiles = bitmap.shape[:2]
+    return _from_tile_major(_bitmap_tiles(bitmap), n_tiles * TILE_ROWS, k_tiles * TILE_K)
+
+
+def _quarter_offsets(tiles_mask: np.ndarray) -> np.ndarray:
+    """bool ``[nT, kT, 4096]`` -> int32 ``[nT, kT, 4]`` exclusive prefix of nonzero counts."""
+    counts = tiles_mask.reshape(*tiles_mask.shape[:2], 4, QUARTER).sum(axis=-1)
+    flat = np.concatenate([[0], np.cumsum(counts.reshape(-1))[:-1]])
+    return flat.reshape(counts.shape).astype(np.int32)
 
 
 @jax.tree_util.register_dataclass
@@ -106,42 +127,48 @@ class SparseWeight:
         w_t = np.zeros((np_, kp), w.dtype)
         w_t[:n, :k] = w.T
         mask_t = w_t != 0
-        counts = _tile_major(mask_t).sum(axis=-1)
-        offsets = np.concatenate([[0], np.cumsum(counts.reshape(-1))[:-1]]).astype(np.int32)
-        values = _tile_major(w_t)[_tile_major(mask_t)]
+        tiles_mask = _tile_major(mask_t)
         return cls(
-            values=jnp.asarray(values),
-            bitmap=jnp.asarray(_pack_bits(mask_t)),
-            tile_offsets=jnp.asarray(offsets.reshape(counts.shape)),
+            values=jnp.asarray(_tile_major(w_t)[tiles_mask]),
+            bitmap=jnp.asarray(_pack_bitmap(mask_t)),
+            tile_offsets=jnp.asarray(_quarter_offsets(tiles_mask)),
             in_features=k,
             out_features=n,
         )
 
     def validate(self) -> SparseWeight:
         """Checks the format's invariants on concrete arrays; raises ValueError naming them."""
-        np_, words = self.bitmap.shape
-        kp = words * WORD_BITS
+        n_tiles = -(-self.out_features // TILE_ROWS)
+        k_tiles = -(-self.in_features // TILE_K)
         if self.bitmap.dtype != jnp.uint32:
             raise ValueError(f"bitmap must be uint32, got {self.bitmap.dtype}")
-        if np_ % TILE_ROWS or kp % TILE_K or np_ < self.out_features or kp < self.in_features:
+        if self.bitmap.shape != (n_tiles, k_tiles, WORDS_PER_TILE):
             raise ValueError(
-                f"bitmap {self.bitmap.shape} does not cover a padded "
-                f"[{self.out_features}, {self.in_features}] weight in {TILE_ROWS}x{TILE_K} tiles"
+                f"bitmap shape {self.bitmap.shape} != {(n_tiles, k_tiles, WORDS_PER_TILE)} "
+                f"for a [{self.in_features}, {self.out_features}] weight in "
+                f"{TILE_ROWS}x{TILE_K} tiles"
             )
-        expected_offsets = (np_ // TILE_ROWS, kp // TILE_K)
-        if self.tile_offsets.shape != expected_offsets:
-            raise ValueError(f"tile_offsets shape {self.tile_offsets.shape} != {expected_offsets}")
+        if self.tile_offsets.dtype != jnp.int32 or self.tile_offsets.shape != (
+            n_tiles,
+            k_tiles,
+            4,
+        ):
+            raise ValueError(
+                f"tile_offsets must be int32 {(n_tiles, k_tiles, 4)}, got "
+                f"{self.tile_offsets.dtype} {self.tile_offsets.shape}"
+            )
+        if self.values.ndim != 1:
+            raise ValueError(f"values must be 1D, got shape {self.values.shape}")
+        tiles_mask = _bitmap_tiles(np.asarray(self.bitmap))
         mask_t = _unpack_bits(np.asarray(self.bitmap))
         if mask_t[self.out_features :].any() or mask_t[:, self.in_features :].any():
             raise ValueError("bitmap has bits set in the padding")
-        counts = _tile_major(mask_t).sum(axis=-1).reshape(-1)
-        if counts.sum() != self.nnz:
+        if tiles_mask.sum() != self.nnz:
             raise ValueError(
-                f"bitmap has {counts.sum()} set bits but values has {self.nnz} entries"
+                f"bitmap has {tiles_mask.sum()} set bits but values has {self.nnz} entries"
             )
-        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        if not np.array_equal(np.asarray(self.tile_offsets).reshape(-1), offsets):
-            raise ValueError("tile_offsets do not match the bitmap's per-tile popcounts")
+        if not np.array_equal(np.asarray(self.tile_offsets), _quarter_offsets(tiles_mask)):
+            raise ValueError("tile_offsets do not match the bitmap's popcounts")
         return self
 
     def mask(self) -> jax.Array:
@@ -150,17 +177,17 @@ class SparseWeight:
 
     def todense(self) -> jax.Array:
         """Dense ``[in_features, out_features]`` (exact round trip); differentiable in values."""
-        mask_t = _unpack_bits(self.bitmap)
-        np_, kp = mask_t.shape
-        tiles = _tile_major(mask_t)  # [nT, kT, 4096]
-        rank = jnp.cumsum(tiles, axis=-1, dtype=jnp.int32) - 1  # popcount prefix in tile
-        index = self.tile_offsets[..., None] + rank
+        tiles = _bitmap_tiles(self.bitmap)  # [nT, kT, 4096]
+        quarters = tiles.reshape(*tiles.shape[:2], 4, QUARTER)
+        rank = jnp.cumsum(quarters, axis=-1, dtype=jnp.int32) - 1  # popcount prefix
+        index = (self.tile_offsets[..., None] + rank).reshape(tiles.shape)
         if self.nnz == 0:
             gathered = jnp.zeros(tiles.shape, self.values.dtype)
-        else:  # Indices past a tile's nonzeros are clipped, then masked out.
+        else:  # Indices past a quarter's nonzeros are clipped, then masked out.
             gathered = jnp.take(self.values, jnp.clip(index, 0, self.nnz - 1), axis=0)
         dense_tiles = jnp.where(tiles, gathered, jnp.zeros((), self.values.dtype))
-        dense_t = _from_tile_major(dense_tiles, np_, kp)
+        n_tiles, k_tiles = tiles.shape[:2]
+        dense_t = _from_tile_major(dense_tiles, n_tiles * TILE_ROWS, k_tiles * TILE_K)
         return dense_t[: self.out_features, : self.in_features].T
 
     def with_values(self, values) -> SparseWeight:
