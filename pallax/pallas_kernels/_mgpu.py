@@ -215,3 +215,10 @@ def three_phase_loop(lo, full_lo, full_hi, hi, step_fn, carry):
     carry = lax.fori_loop(lo, full_lo, lambda s, c: step_fn(s, c, True), carry)
     carry = lax.fori_loop(full_lo, full_hi, lambda s, c: step_fn(s, c, False), carry)
     return lax.fori_loop(full_hi, hi, lambda s, c: step_fn(s, c, True), carry)
+
+
+def interpreting() -> bool:
+    """Whether kernels traced now run in GPU interpret mode (``pallax.testing.gpu_interpret``)."""
+    from jax._src import config
+
+    return config.pallas_tpu_interpret_mode_context_manager.value is not None

@@ -1,0 +1,507 @@
+"""Sparse x dense matmul for Hopper (Pallas Mosaic GPU): load as sparse, compute as dense.
+
+``y [M, N] = x [M, K] @ W`` with ``W`` a :class:`~pallax.pallas_kernels.SparseWeight`
+(tiled bitmap, stored ``[N, K]``). Following FlashSparse's swap-and-transpose,
+the kernel computes ``y^T = W^T x^T``: a decoded 64-row weight tile is the
+wgmma A operand and the tokens are its N side (8..256), so a decode-sized M is
+not padded to 64.
+
+Each CTA owns one 64-row weight tile row, a block of tokens and a range of K
+tiles (split-K). Two warpgroups:
+
+* memory (wg 1), one step per 64x64 weight tile: TMA copies of the x tile and
+  the tile's 512-byte bitmap into a ring of slots, and of the tile's nonzeros
+  into a values ring of ``RING_CHUNKS`` chunks of ``CHUNK`` values. A CTA's
+  nonzeros are contiguous in memory; a tile's span a data-dependent number of
+  chunks, and both warpgroups derive the same chunk sequence from
+  ``tile_offsets`` (see :func:`_chunk_range`);
+* compute (wg 0) decodes each tile into a dense bf16/fp16 tile in shared
+  memory (one thread per 32-bit bitmap word: popcount, a warp prefix sum by
+  shuffles, then one shared-memory load per nonzero) and runs wgmma on it.
+
+The decode is per-thread code, which Pallas' Mosaic GPU dialect cannot
+express in jax 0.11 (no gather, popcount, shuffles), so it is written once in
+:func:`decode_thread` against a tiny op interface with two backends: MLIR
+through ``plgpu.inline_mgpu`` on the GPU, and jax.numpy over the 128 threads
+as arrays for GPU interpret mode and the CPU tests. (The deprecated Triton
+dialect has gathers and would make this part easy.)
+
+Partial sums of the K splits are fp32 ``[splits, Np, Mp]``, summed in XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from pallax.pallas_kernels import _mgpu
+from pallax.pallas_kernels._mgpu import cdiv, mma
+
+TILE = 64  # == sparse.TILE_ROWS == sparse.TILE_K
+WORDS = 128  # bitmap words per tile: one per compute thread
+CHUNK = 256  # values per TMA copy (the TMA box limit)
+RING_CHUNKS = 32  # a tile's <= 4096 nonzeros span <= 17 chunks
+RING = CHUNK * RING_CHUNKS  # values ring size, a power of two (index wrap by mask)
+WARP = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class SpmmConfig:
+    """Tile sizes. ``block_m=None``: tokens rounded up to 8, at most 128 per CTA."""
+
+    block_m: int | None = None
+    max_concurrent_steps: int = 4
+    k_splits: int | None = None  # None: aim for ``target_ctas`` CTAs.
+    target_ctas: int = 264
+
+    def __post_init__(self):
+        if self.block_m is not None and (self.block_m % 8 or not 8 <= self.block_m <= 256):
+            raise ValueError(f"block_m={self.block_m} must be a multiple of 8 in [8, 256]")
+        if self.max_concurrent_steps < 2:
+            raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 2")
+        if self.k_splits is not None and self.k_splits < 1:
+            raise ValueError(f"k_splits={self.k_splits} must be >= 1")
+
+    def block_m_for(self, m: int) -> int:
+        return self.block_m or min(128, -(-m // 8) * 8)
+
+    def splits_for(self, output_tiles: int, k_tiles: int) -> int:
+        if self.k_splits is not None:
+            return max(1, min(self.k_splits, k_tiles))
+        # Keep >= 4 tiles per split so the rings have something to overlap, and
+        # <= 255 so a CTA's offsets fit one TMA box.
+        splits = max(1, min(cdiv(self.target_ctas, output_tiles), k_tiles // 4 or 1))
+        return max(splits, cdiv(k_tiles, 255))
+
+
+# ----------------------------------------------------------------------------
+# Tile decode, written once for both backends.
+
+
+def decode_thread(ops, lane, word, warp_start):
+    """One thread's 32 weights of a 64x64 tile.
+
+    ``word``: the thread's bitmap word (thread ``t`` holds word ``t``: row
+    ``t // 2``, inputs ``32 (t % 2) ..``); ``warp_start``: ring index of the
+    first nonzero of the thread's warp (16 rows). Word order is value order, so
+    a thread's first nonzero follows those of the lower lanes: an exclusive
+    prefix sum of popcounts across the warp (Hillis-Steele with shuffles).
+    Returns 32 values (zeros where the bit is clear).
+    """
+    count = ops.popc(word)
+    inclusive = count
+    for delta in (1, 2, 4, 8, 16):
+        inclusive = inclusive + ops.select(lane >= delta, ops.shfl_up(inclusive, delta), 0)
+    first = warp_start + inclusive - count
+    out = []
+    for i in range(WARP):
+        rank = ops.popc(word & ((1 << i) - 1)) if i else 0
+        value = ops.load_ring((first + rank) & (RING - 1))
+        out.append(ops.select(((word >> i) & 1) != 0, value, ops.zero))
+    return out
+
+
+class _JnpOps:
+    """The 128 threads as arrays: ``x[t]`` is thread ``t``'s register."""
+
+    def __init__(self, ring, dtype):
+        self.ring = ring
+        self.zero = jnp.zeros((), dtype)
+        self.dtype = dtype
+
+    @staticmethod
+    def popc(x):
+        return lax.population_count(x).astype(jnp.int32)
+
+    @staticmethod
+    def shfl_up(x, delta):
+        """``__shfl_up_sync``: lane ``l`` reads lane ``l - delta``; lower lanes keep theirs."""
+        warps = x.reshape(-1, WARP)
+        shifted = jnp.concatenate([warps[:, :delta], warps[:, :-delta]], axis=1)
+        return shifted.reshape(x.shape)
+
+    @staticmethod
+    def select(cond, a, b):
+        return jnp.where(cond, a, b)
+
+    def load_ring(self, index):
+        return jnp.take(self.ring, index, axis=0).astype(self.dtype)
+
+
+def decode_tile_reference(words, ring, warp_starts, dtype):
+    """jnp backend of :func:`decode_thread`: uint32 ``[128]`` words -> ``[64, 64]`` tile."""
+    lanes = jnp.arange(WORDS, dtype=jnp.int32)
+    starts = jnp.repeat(jnp.asarray(warp_starts, jnp.int32), WARP)
+    ops = _JnpOps(ring, dtype)
+    values = decode_thread(ops, lanes % WARP, words.astype(jnp.uint32), starts)
+    return jnp.stack(values, axis=1).reshape(TILE, TILE)
+
+
+def swizzled_offset(row, col, cols: int):
+    """Element offset of ``(row, col)`` (``col % 8 == 0``) in a ``[rows, cols]``
+    16-bit SMEM ref with ``smem_transforms`` (8 x 64 tiles, 128-byte swizzle):
+    the 16-byte chunk index within a 128-byte row is XORed with ``row % 8``.
+    Works on Python ints and on the MLIR wrapper below."""
+    tile = (row >> 3) * (cols // TILE) + (col >> 6)
+    chunk = ((col & (TILE - 1)) >> 3) ^ (row & 7)
+    return tile * (8 * TILE) + (row & 7) * TILE + (chunk << 3)
+
+
+def _mlir_decode(ctx, words_ref, ring_ref, staging_ref, warp_starts, *, tile_col: int):
+    """MLIR backend (inline_mgpu body): decodes one tile into ``staging_ref``."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, memref, nvvm, vector
+    from jax._src.lib.mlir.dialects import math as mlir_math
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    index = ir.IndexType.get()
+
+    def const(v):
+        return arith.constant(i32, v)
+
+    class Reg:
+        """A per-thread i32 register with Python operators (``>>`` is logical)."""
+
+        def __init__(self, value):
+            self.value = value
+
+        @staticmethod
+        def lift(x):
+            return x.value if isinstance(x, Reg) else const(int(x))
+
+        def __add__(self, o):
+            return Reg(arith.addi(self.value, Reg.lift(o)))
+
+        __radd__ = __add__
+
+        def __sub__(self, o):
+            return Reg(arith.subi(self.value, Reg.lift(o)))
+
+        def __and__(self, o):
+            return Reg(arith.andi(self.value, Reg.lift(o)))
+
+        def __xor__(self, o):
+            return Reg(arith.xori(self.value, Reg.lift(o)))
+
+        def __mul__(self, o):
+            return Reg(arith.muli(self.value, Reg.lift(o)))
+
+        def __rshift__(self, o):
+            return Reg(arith.shrui(self.value, Reg.lift(o)))
+
+        def __lshift__(self, o):
+            return Reg(arith.shli(self.value, Reg.lift(o)))
+
+        def __ge__(self, o):
+            return arith.cmpi(arith.CmpIPredicate.uge, self.value, Reg.lift(o))
+
+        def __ne__(self, o):
+            return arith.cmpi(arith.CmpIPredicate.ne, self.value, Reg.lift(o))
+
+    def flat(ref):
+        return mgpu_utils.memref_reshape(ref, (int(np.prod(ir.MemRefType(ref.type).shape)),))
+
+    staging_flat = flat(staging_ref)
+    ring_ref = flat(ring_ref)
+    out_type = ir.MemRefType(staging_flat.type).element_type
+    ring_type = ir.MemRefType(ring_ref.type).element_type
+
+    class Ops:
+        zero = arith.constant(out_type, 0.0)
+
+        @staticmethod
+        def popc(x):
+            return Reg(mlir_math.ctpop(x.value))
+
+        @staticmethod
+        def shfl_up(x, delta):
+            # Clamp 0: lanes below ``delta`` get their own value back.
+            return Reg(nvvm.shfl_sync(const(-1), x.value, const(delta), const(0), nvvm.ShflKind.up))
+
+        @staticmethod
+        def select(cond, a, b):
+            if isinstance(a, Reg):
+                return Reg(arith.select(cond, a.value, Reg.lift(b)))
+            return arith.select(cond, a, b)
+
+        @staticmethod
+        def load_ring(i):
+            value = memref.load(ring_ref, [arith.index_cast(index, i.value)])
+            if ring_type != out_type:
+                value = arith.truncf(out_type, value)
+            return value
+
+    thread = Reg(arith.remui(mgpu_utils.thread_idx(), const(WORDS)))
+    lane = thread & (WARP - 1)
+    word = Reg(memref.load(words_ref, [arith.index_cast(index, thread.value)]))
+    warp = thread >> 5
+    starts = [Reg(s.registers.flat[0]) for s in warp_starts]  # splat scalars
+    start = starts[0]
+    for w in range(1, 4):  # This warp's start: a select chain over the 4 scalars.
+        is_w = arith.cmpi(arith.CmpIPredicate.eq, warp.value, const(w))
+        start = Ops.select(is_w, starts[w], start)
+    values = decode_thread(Ops, lane, word, start)
+    row = thread >> 1
+    cols = int(ir.MemRefType(staging_ref.type).shape[1]) * TILE
+    vec_type = ir.VectorType.get((8,), out_type)
+    for j in range(4):
+        col = ((thread & 1) << 5) + (tile_col + 8 * j)
+        offset = swizzled_offset(row, col, cols)
+        vec = vector.from_elements(vec_type, values[8 * j : 8 * j + 8])
+        vector.store(vec, staging_flat, [arith.index_cast(index, offset.value)])
+    return ()
+
+
+# ----------------------------------------------------------------------------
+# The kernel.
+
+
+def _chunk_range(start, end, g_hi):
+    """Chunks of the values ring for a tile whose nonzeros are ``[start, end)``.
+
+    ``g_hi``: one past the last chunk (in units of ``CHUNK`` values of the
+    weight) fetched so far. Returns ``(a, n_new, g_hi')``: the tile's first
+    chunk, how many chunks to fetch, and the new ``g_hi``. A tile's first chunk
+    may be the previous tile's last one, which is then still in the ring.
+    """
+    nonempty = end > start
+    a = lax.div(start, CHUNK)
+    b = jnp.where(nonempty, cdiv(end, CHUNK), a)
+    n_new = jnp.where(nonempty, b - jnp.maximum(a, g_hi), 0)
+    return a, n_new, jnp.where(nonempty, b, g_hi)
+
+
+def _kernel(
+    x_ref,
+    values_ref,
+    bitmap_ref,
+    offsets_ref,
+    o_ref,
+    x_smem,
+    words_smem,
+    ring_smem,
+    staging_smem,
+    table_smem,
+    o_smem,
+    table_barrier,
+    step_loaded,
+    step_consumed,
+    chunk_loaded,
+    chunk_consumed,
+    *,
+    tiles_per_split: int,
+    k_tiles: int,
+    total_tiles: int,
+    nnz_end: int,
+    block_m: int,
+    num_slots: int,
+    interpret: bool,
+):
+    n_tile = lax.axis_index("n_tiles")
+    split = lax.axis_index("k_splits")
+    m_tile = lax.axis_index("m_tiles")
+    wg = lax.axis_index("wg")
+    lo = split * tiles_per_split
+    hi = jnp.minimum(lo + tiles_per_split, k_tiles)
+    first_tile = n_tile * k_tiles + lo  # global index of step ``lo``'s tile
+
+    def start_of(step):
+        return table_smem[step - lo, 0]
+
+    def end_of(step):  # The next tile's start; the weight's last tile ends at nnz.
+        last = first_tile + (step - lo) == total_tiles - 1
+        return jnp.where(last, nnz_end, table_smem[step - lo + 1, 0])
+
+    @pl.when(wg == 1)
+    def _memory():
+        # One loop feeds both rings, tile by tile (a third warpgroup for the
+        # values would starve GPU interpret mode's thread pool on 2-core CPUs).
+        plgpu.set_max_registers(_mgpu.MEMORY_WG_REGISTERS, action="decrease")
+        plgpu.copy_gmem_to_smem(
+            offsets_ref.at[pl.ds(first_tile, tiles_per_split + 1)], table_smem, table_barrier.at[0]
+        )
+        plgpu.barrier_wait(table_barrier.at[0])
+        rows = pl.ds(m_tile * block_m, block_m)
+
+        def tile_step(step, carry):
+            g_hi, q = carry
+            slot = _mgpu.slot_of(step, lo, num_slots)
+
+            @pl.when(step - lo >= num_slots)
+            def _():
+                plgpu.barrier_wait(step_consumed[0].at[slot])
+                plgpu.barrier_wait(step_consumed[1].at[slot])
+
+            plgpu.copy_gmem_to_smem(
+                x_ref.at[rows, pl.ds(step * TILE, TILE)], x_smem.at[slot], step_loaded[0].at[slot]
+            )
+            plgpu.copy_gmem_to_smem(
+                bitmap_ref.at[n_tile, step], words_smem.at[slot], step_loaded[1].at[slot]
+            )
+            _, n_new, g_hi_new = _chunk_range(start_of(step), end_of(step), g_hi)
+            first = g_hi_new - n_new
+
+            def issue(i, q):
+                chunk_slot = lax.rem(q, RING_CHUNKS)
+
+                @pl.when(q >= RING_CHUNKS)
+                def _():
+                    plgpu.barrier_wait(chunk_consumed.at[chunk_slot])
+
+                plgpu.copy_gmem_to_smem(
+                    values_ref.at[pl.ds((first + i) * CHUNK, CHUNK)],
+                    ring_smem.at[chunk_slot],
+                    chunk_loaded.at[chunk_slot],
+                )
+                return q + 1
+
+            return g_hi_new, lax.fori_loop(0, n_new, issue, q)
+
+        zero = jnp.int32(0)
+        _, issued = lax.fori_loop(lo, hi, tile_step, (zero, zero))
+
+        # Observe the last releases too (interpret mode checks every phase).
+        @pl.loop(jnp.maximum(hi - num_slots, lo), hi)
+        def _drain_steps(step):
+            slot = _mgpu.slot_of(step, lo, num_slots)
+            plgpu.barrier_wait(step_consumed[0].at[slot])
+            plgpu.barrier_wait(step_consumed[1].at[slot])
+
+        @pl.loop(jnp.maximum(issued - RING_CHUNKS, 0), issued)
+        def _drain_chunks(q):
+            plgpu.barrier_wait(chunk_consumed.at[lax.rem(q, RING_CHUNKS)])
+
+    @pl.when(wg == 0)
+    def _compute():
+        plgpu.set_max_registers(_mgpu.COMPUTE_WG_REGISTERS, action="increase")
+        plgpu.barrier_wait(table_barrier.at[0])
+
+        def decode(slot, warp_starts):
+            if interpret:
+                ring = ring_smem[...].reshape(-1)
+                tile = decode_tile_reference(
+                    words_smem[slot], ring, jnp.stack(warp_starts), staging_smem.dtype
+                )
+                staging_smem[...] = tile
+                return
+            splat = plgpu.Layout.WG_SPLAT(())
+            plgpu.inline_mgpu(
+                arg_types=(
+                    plgpu.RefType(),
+                    plgpu.RefType(),
+                    plgpu.RefType(transforms=_mgpu.smem_transforms(staging_smem.dtype, TILE)),
+                    (splat,) * 4,
+                ),
+            )(functools.partial(_mlir_decode, tile_col=0))(
+                words_smem.at[slot], ring_smem, staging_smem, tuple(warp_starts)
+            )
+
+        def step(s, carry):
+            acc, g_hi, q_hi, q_rel = carry
+            slot = _mgpu.slot_of(s, lo, num_slots)
+            plgpu.barrier_wait(step_loaded[0].at[slot])
+            plgpu.barrier_wait(step_loaded[1].at[slot])
+            _, n_new, g_hi = _chunk_range(start_of(s), end_of(s), g_hi)
+
+            @pl.loop(q_hi, q_hi + n_new)
+            def _wait(q):
+                plgpu.barrier_wait(chunk_loaded.at[lax.rem(q, RING_CHUNKS)])
+
+            q_hi = q_hi + n_new
+            # Ring index of the value at weight position p: p + shift (mod RING).
+            shift = CHUNK * (q_hi - g_hi)
+            decode(slot, [table_smem[s - lo, w] + shift for w in range(4)])
+            plgpu.commit_smem()  # The decoded tile must be visible to wgmma.
+            block = mma(staging_smem, x_smem.at[slot].T, (TILE, block_m))
+            plgpu.barrier_arrive(step_consumed[0].at[slot])
+            plgpu.barrier_arrive(step_consumed[1].at[slot])
+            # Release the chunks that the next tile does not start in.
+            held = q_hi - q_rel
+            a_next = jnp.where(
+                s + 1 < hi,
+                lax.div(start_of(jnp.minimum(s + 1, hi - 1)), CHUNK),
+                jnp.iinfo(jnp.int32).max,
+            )
+            n_release = jnp.clip(a_next - (g_hi - held), 0, held)
+
+            @pl.loop(q_rel, q_rel + n_release)
+            def _release(q):
+                plgpu.barrier_arrive(chunk_consumed.at[lax.rem(q, RING_CHUNKS)])
+
+            return acc + block, g_hi, q_hi, q_rel + n_release
+
+        zero = jnp.int32(0)
+        acc, *_ = lax.fori_loop(lo, hi, step, (_mgpu.zeros((TILE, block_m)), zero, zero, zero))
+        o_smem[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(
+            o_smem, o_ref.at[split, pl.ds(n_tile * TILE, TILE), pl.ds(m_tile * block_m, block_m)]
+        )
+        plgpu.wait_smem_to_gmem(0)
+
+
+def matmul(x, w, *, config: SpmmConfig | None = None):
+    """x ``[M, Kp]`` (bf16/fp16) @ sparse ``w`` -> fp32 ``[M, Np]``."""
+    config = config or SpmmConfig()
+    m, kp = x.shape
+    n_tiles, k_tiles = w.bitmap.shape[:2]
+    if kp != k_tiles * TILE:
+        raise ValueError(f"x {x.shape} must be padded to the weight's {k_tiles * TILE} inputs")
+    block_m = config.block_m_for(m)
+    mp = -(-m // block_m) * block_m
+    x = jnp.pad(x, ((0, mp - m), (0, 0)))
+    values = w.values
+    nnz_end = int(values.shape[0])
+    if values.shape[0] < CHUNK:  # A TMA box may not exceed its array.
+        values = jnp.pad(values, (0, CHUNK - values.shape[0]))
+    splits = config.splits_for(n_tiles * (mp // block_m), k_tiles)
+    tiles_per_split = cdiv(k_tiles, splits)
+    splits = cdiv(k_tiles, tiles_per_split)
+    # The last CTA's table copy reads past the end: TMA zero-fills it (unused).
+    offsets = w.tile_offsets.reshape(n_tiles * k_tiles, 4)
+    num_slots = config.max_concurrent_steps
+    kernel = functools.partial(
+        _kernel,
+        tiles_per_split=tiles_per_split,
+        k_tiles=k_tiles,
+        total_tiles=n_tiles * k_tiles,
+        nnz_end=nnz_end,
+        block_m=block_m,
+        num_slots=num_slots,
+        interpret=_mgpu.interpreting(),
+    )
+    loaded, consumed = _mgpu.ring_barriers(num_slots, 2, 1)
+    partials = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((splits, n_tiles * TILE, mp), jnp.float32),
+        scratch_types=(
+            plgpu.SMEM(
+                (num_slots, block_m, TILE), x.dtype, transforms=_mgpu.smem_transforms(x.dtype, TILE)
+            ),
+            plgpu.SMEM((num_slots, WORDS), jnp.uint32),
+            plgpu.SMEM((RING_CHUNKS, CHUNK), values.dtype),
+            plgpu.SMEM((TILE, TILE), x.dtype, transforms=_mgpu.smem_transforms(x.dtype, TILE)),
+            plgpu.SMEM((tiles_per_split + 1, 4), jnp.int32),
+            plgpu.SMEM((TILE, block_m), jnp.float32),
+            plgpu.Barrier(num_barriers=1),
+            loaded,
+            consumed,
+            plgpu.Barrier(num_barriers=RING_CHUNKS),
+            plgpu.Barrier(num_arrivals=1, num_barriers=RING_CHUNKS),
+        ),
+        grid=(n_tiles, splits, mp // block_m),
+        grid_names=("n_tiles", "k_splits", "m_tiles"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(x, values, w.bitmap, offsets)
+    return partials.sum(axis=0).T[:m]
