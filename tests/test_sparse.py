@@ -132,5 +132,7 @@ def test_corrupt_formats_and_bad_inputs_raise():
         sparsify(rand((8, 8)), method="wanda")
     with pytest.raises(ValueError, match="expected a SparseWeight"):
         sparse_matmul(jnp.ones((2, 8)), jnp.ones((8, 8)))
-    with pytest.raises(ValueError, match="only the XLA path"):
+    with pytest.raises(ValueError, match=r"does not support x dtype float32"):
         sparse_matmul(jnp.ones((2, 128)), w, implementation="mosaic")
+    with pytest.raises(ValueError, match="implementation must be"):
+        sparse_matmul(jnp.ones((2, 128)), w, implementation="triton")

@@ -29,11 +29,16 @@ the nonzero ``values`` only: the mask is fixed.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallax.pallas_kernels import sparse_matmul_mgpu as sparse_mgpu
+from pallax.pallas_kernels.attention import on_hopper
 
 TILE_ROWS = 64
 TILE_K = 64
@@ -324,9 +329,108 @@ def activation_norms(x) -> jax.Array:
     return jnp.sqrt(jnp.sum(x.reshape(-1, x.shape[-1]) ** 2, axis=0))
 
 
-def sparse_matmul(x: jax.Array, w: SparseWeight, *, implementation=None) -> jax.Array:
-    """``x @ W`` for x ``[..., in_features]`` (bf16/fp16/fp32), fp32 accumulation.
+MOSAIC_MAX_TOKENS = 256  # Beyond this the product is compute bound: dense XLA wins.
 
+
+def sparse_matmul_reference(x: jax.Array, w: SparseWeight) -> jax.Array:
+    """XLA path: decode to dense, then one dot with fp32 accumulation."""
+    dense = w.todense().astype(x.dtype)
+    return jnp.matmul(x, dense, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def mosaic_supports(x, w: SparseWeight) -> str | None:
+    """Why the Mosaic kernel cannot run this product, or None."""
+    if x.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"x dtype {x.dtype} (needs bf16/fp16)"
+    if w.values.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        return f"values dtype {w.values.dtype}"
+    if w.values.ndim != 1 or w.bitmap.ndim != 3:
+        return f"an unpacked weight (values {w.values.shape}, bitmap {w.bitmap.shape})"
+    return None
+
+
+def _mosaic_matmul(x, w, config):
+    lead, k = x.shape[:-1], x.shape[-1]
+    kp = w.bitmap.shape[1] * TILE_K
+    x2 = jnp.pad(x.reshape(-1, k), ((0, 0), (0, kp - k)))
+    y = sparse_mgpu.matmul(x2, w, config=config)
+    return y[:, : w.out_features].astype(x.dtype).reshape(*lead, w.out_features)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _sparse_matmul(x, w, implementation, config):
+    if implementation == "mosaic":
+        return _mosaic_matmul(x, w, config)
+    return sparse_matmul_reference(x, w)
+
+
+def _fwd(x, w, implementation, config):
+    return _sparse_matmul(x, w, implementation, config), (x, w)
+
+
+def _bwd(implementation, config, residuals, dy):
+    """dx = dy W^T; d values = (x^T dy) sampled at the mask (SDDMM); the mask
+    gets no gradient. Both on XLA: training batches make these compute bound."""
+    del implementation, config
+    x, w = residuals
+    dense, pull_values = jax.vjp(lambda v: w.with_values(v).todense(), w.values)
+    dx = jnp.matmul(dy, dense.astype(dy.dtype).T, preferred_element_type=jnp.float32)
+    k, n = w.shape
+    dw = jnp.matmul(
+        x.reshape(-1, k).T, dy.reshape(-1, n), preferred_element_type=jnp.float32
+    ).astype(dense.dtype)
+    (dvalues,) = pull_values(dw)
+    no_grad = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731
+    dw_sparse = dataclasses.replace(
+        w, values=dvalues, bitmap=no_grad(w.bitmap), tile_offsets=no_grad(w.tile_offsets)
+    )
+    return dx.astype(x.dtype), dw_sparse
+
+
+_sparse_matmul.defvjp(_fwd, _bwd)
+
+
+@functools.cache
+def _mosaic_self_check() -> bool:
+    """One small product on the real GPU against XLA, the first time the kernel
+    is picked automatically. Its per-thread decode is emitted as raw MLIR that
+    CPU tests only lower (interpret mode runs a jnp twin of it); a mismatch here
+    falls back to XLA with a warning instead of returning wrong results."""
+    rng = np.random.default_rng(0)
+    dense = rng.standard_normal((320, 192)).astype(np.float32)
+    dense *= rng.random(dense.shape) < 0.3
+    dense[:64, :64] = rng.standard_normal((64, 64))  # a full tile
+    w = SparseWeight.from_dense(dense.astype(jnp.bfloat16))
+    x = jnp.asarray(rng.standard_normal((8, 320)), jnp.bfloat16)
+    try:
+        got = np.asarray(jax.jit(_mosaic_matmul, static_argnums=2)(x, w, None), np.float32)
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernel
+        warnings.warn(
+            f"pallax: Mosaic sparse_matmul failed its self-check ({e}); using XLA", stacklevel=3
+        )
+        return False
+    expected = np.asarray(sparse_matmul_reference(x, w), np.float32)
+    if not np.allclose(got, expected, rtol=2e-2, atol=2e-2):
+        warnings.warn(
+            "pallax: Mosaic sparse_matmul disagrees with XLA on this GPU; using XLA", stacklevel=3
+        )
+        return False
+    return True
+
+
+def sparse_matmul(
+    x: jax.Array,
+    w: SparseWeight,
+    *,
+    implementation: Literal["mosaic", "xla"] | None = None,
+    config: sparse_mgpu.SpmmConfig | None = None,
+) -> jax.Array:
+    """``x @ W`` for x ``[..., in_features]`` (bf16/fp16/fp32) -> ``[..., out_features]``,
+    fp32 accumulation.
+
+    ``implementation``: ``"mosaic"`` (the Hopper kernel; bf16/fp16 x), ``"xla"``,
+    or ``None``: Mosaic on Hopper for up to ``MOSAIC_MAX_TOKENS`` tokens (the
+    memory-bound regime where reading the weight compressed pays), else XLA.
     Gradients flow to ``x`` and to ``w.values`` (the mask stays fixed).
     """
     if not isinstance(w, SparseWeight):
@@ -337,9 +441,13 @@ def sparse_matmul(x: jax.Array, w: SparseWeight, *, implementation=None) -> jax.
         )
     if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         raise ValueError(f"x must be bf16/fp16/fp32, got {x.dtype}")
-    if implementation not in (None, "xla"):
-        raise ValueError(
-            f"implementation={implementation!r}: only the XLA path exists for sparse_matmul yet"
-        )
-    dense = w.todense().astype(x.dtype)
-    return jnp.matmul(x, dense, preferred_element_type=jnp.float32).astype(x.dtype)
+    if implementation not in (None, "mosaic", "xla"):
+        raise ValueError(f"implementation must be None, 'mosaic' or 'xla', got {implementation!r}")
+    unsupported = mosaic_supports(x, w)
+    if implementation == "mosaic" and unsupported:
+        raise ValueError(f"implementation='mosaic' does not support {unsupported}")
+    if implementation is None:
+        tokens = int(np.prod(x.shape[:-1]))
+        use_mosaic = not unsupported and tokens <= MOSAIC_MAX_TOKENS and on_hopper()
+        implementation = "mosaic" if use_mosaic and _mosaic_self_check() else "xla"
+    return _sparse_matmul(x, w, implementation, config)

@@ -1,0 +1,190 @@
+"""The Mosaic GPU sparse matmul: its decode, in GPU interpret mode, and lowered for CUDA."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.sparse
+
+from pallax import testing
+from pallax.pallas_kernels import SparseWeight, sparse_matmul, sparsify
+from pallax.pallas_kernels import sparse_matmul_mgpu as sm
+from pallax.pallas_kernels.sparse import _tile_major
+
+
+def rand(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def imbalanced_weight(k, n, density, seed=0, dtype=jnp.bfloat16):
+    """Random sparsity plus a full tile, an empty tile, an empty row and column."""
+    rng = np.random.default_rng(seed)
+    w = rand((k, n), seed) * (rng.random((k, n)) < density)
+    w[:64, :64] = rand((64, 64), seed + 1)  # 4096 nonzeros: spans 17 ring chunks
+    if k >= 128 and n >= 128:
+        w[64:128, 64:128] = 0
+    w[:, n // 2] = 0
+    w[k // 3, :] = 0
+    return SparseWeight.from_dense(w.astype(dtype))
+
+
+@pytest.mark.parametrize("shift", [0, 1000, sm.RING - 700])  # the last wraps the ring
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+def test_decode_tile_matches_dense(shift, density):
+    """The thread-level decode (jnp backend), fed a ring as the kernel sees it."""
+    w = imbalanced_weight(192, 128, density)
+    dense_t = np.asarray(w.todense(), np.float32).T
+    for n_tile, k_tile in [(0, 0), (1, 1), (1, 2), (0, 2)]:
+        start = int(w.tile_offsets[n_tile, k_tile, 0])
+        values = np.asarray(w.values[start : start + 4096])
+        ring = np.zeros(sm.RING, values.dtype)
+        ring[(np.arange(values.shape[0]) + start + shift) % sm.RING] = values
+        tile = sm.decode_tile_reference(
+            w.bitmap[n_tile, k_tile],
+            jnp.asarray(ring),
+            w.tile_offsets[n_tile, k_tile] + shift,
+            jnp.bfloat16,
+        )
+        rows, cols = slice(64 * n_tile, 64 * n_tile + 64), slice(64 * k_tile, 64 * k_tile + 64)
+        np.testing.assert_array_equal(np.asarray(tile, np.float32), dense_t[rows, cols])
+
+
+def test_swizzled_offsets_are_a_permutation_of_16_byte_chunks():
+    for cols in (64, 128):
+        seen = set()
+        for row in range(64):
+            for col in range(0, cols, 8):
+                off = sm.swizzled_offset(row, col, cols)
+                assert off % 8 == 0 and 0 <= off < 64 * cols
+                # Same 8x64 tile and same 128-byte row as the unswizzled address.
+                tile = (row // 8) * (cols // 64) + col // 64
+                assert off // 512 == tile and (off % 512) // 64 == row % 8
+                seen.add(off)
+        assert len(seen) == 64 * cols // 8
+    assert sm.swizzled_offset(1, 0, 64) == 64 + 8  # chunk 0 of row 1 moves to chunk 1
+
+
+def test_chunk_ranges_cover_each_tile_once():
+    """Both warpgroups walk the values ring with _chunk_range: every tile's
+    nonzeros lie in chunks that were fetched, each chunk fetched once."""
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 4097, size=40)
+    counts[[3, 4, 10]] = 0  # empty tiles
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    g_hi, fetched = 0, []
+    for start, end in zip(starts, ends, strict=True):
+        _, n_new, g_hi = (int(v) for v in sm._chunk_range(start, end, g_hi))
+        fetched += range(g_hi - n_new, g_hi)
+        if end > start:
+            assert set(range(start // sm.CHUNK, -(-end // sm.CHUNK))) <= set(fetched)
+        assert n_new <= 17
+    assert fetched == sorted(set(fetched))
+
+
+def interpret_matmul(x, w, **config):
+    with testing.gpu_interpret():
+        return np.asarray(sm.matmul(x, w, config=sm.SpmmConfig(**config)))
+
+
+@pytest.mark.parametrize(
+    "k, n, m, density, config",
+    [
+        (300, 130, 5, 0.3, {}),
+        (256, 64, 1, 0.02, {"k_splits": 2}),
+        (192, 128, 24, 0.5, {"block_m": 8}),  # 3 token tiles
+        (320, 64, 3, 0.9, {}),  # 5 tiles of ~3700 nonzeros: the ring wraps
+    ],
+)
+def test_kernel_matches_scipy_in_interpret_mode(k, n, m, density, config):
+    w = imbalanced_weight(k, n, density)
+    x = rand((m, k), seed=5)
+    kp = w.bitmap.shape[1] * 64
+    x_pad = jnp.pad(jnp.asarray(x, jnp.bfloat16), ((0, 0), (0, kp - k)))
+    got = interpret_matmul(x_pad, w, **config)[:, :n]
+    csr = scipy.sparse.csr_matrix(np.asarray(w.todense(), np.float32))
+    expected = (csr.T @ np.asarray(x_pad[:, :k], np.float32).T).T
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("values_dtype", [jnp.float16, jnp.float32])
+def test_public_op_in_interpret_mode_with_other_dtypes_and_batch_dims(values_dtype):
+    w = imbalanced_weight(128, 96, 0.2, dtype=values_dtype)
+    x_dtype = jnp.float16 if values_dtype == jnp.float16 else jnp.bfloat16
+    x = jnp.asarray(rand((2, 3, 128), seed=2), x_dtype)
+    with testing.gpu_interpret():
+        got = sparse_matmul(x, w, implementation="mosaic")
+    assert got.shape == (2, 3, 96) and got.dtype == x_dtype
+    expected = sparse_matmul(x, w, implementation="xla")
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=2e-2, atol=2e-2
+    )
+
+
+def test_no_races_and_zero_sparsity():
+    w = SparseWeight.from_dense(rand((128, 64)).astype(jnp.bfloat16))  # every tile full
+    x = jnp.asarray(rand((4, 128), seed=1), jnp.bfloat16)
+    with testing.gpu_interpret(detect_races=True):
+        got = np.asarray(sm.matmul(x, w))
+    assert not testing.races_detected()
+    expected = np.asarray(x, np.float32) @ np.asarray(w.todense(), np.float32)
+    np.testing.assert_allclose(got[:, :64], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_gradients_through_the_kernel():
+    w = sparsify(rand((128, 64)), 0.6)
+    w = w.with_values(w.values.astype(jnp.bfloat16))
+    x = jnp.asarray(rand((6, 128), seed=3), jnp.bfloat16)
+    dy = jnp.asarray(rand((6, 64), seed=4), jnp.float32)
+
+    def loss(x, values, implementation):
+        y = sparse_matmul(x, w.with_values(values), implementation=implementation)
+        return jnp.sum(y.astype(jnp.float32) * dy)
+
+    with testing.gpu_interpret():
+        dx, dv = jax.grad(loss, argnums=(0, 1))(x, w.values, "mosaic")
+    mask = np.asarray(w.mask())
+    dense = np.asarray(w.todense(), np.float32)
+    np.testing.assert_allclose(
+        np.asarray(dx, np.float32), np.asarray(dy) @ dense.T, rtol=2e-2, atol=1e-1
+    )
+    dw = np.asarray(x, np.float32).T @ np.asarray(dy)
+    expected_dv = _tile_major(np.pad(dw * mask, ((0, 0), (0, 0))).T)[_tile_major(mask.T)]
+    np.testing.assert_allclose(np.asarray(dv, np.float32), expected_dv, rtol=2e-2, atol=5e-2)
+
+
+# The shapes the models and benchmarks send to the kernel: Llama-7B/8B-like
+# projections and an OPT-30B one, decode-sized token counts, 50-90% sparsity.
+@pytest.mark.parametrize("m", [1, 16, 64, 256])
+@pytest.mark.parametrize(
+    "k, n",
+    [
+        (4096, 4096),
+        (4096, 14336),
+        (14336, 4096),
+        (7168, 28672),
+        # The demo presets' projections (tiny's 688 is not a multiple of 64).
+        (512, 256),
+        (512, 1408),
+        (1408, 512),
+        (256, 688),
+    ],
+)
+@pytest.mark.parametrize("values_dtype", [jnp.bfloat16, jnp.float32])
+def test_kernel_lowers_for_cuda(m, k, n, values_dtype):
+    nnz = int(0.3 * k * n)
+    n_tiles, k_tiles = -(-n // 64), -(-k // 64)
+    w = SparseWeight(
+        values=jax.ShapeDtypeStruct((nnz,), values_dtype),
+        bitmap=jax.ShapeDtypeStruct((n_tiles, k_tiles, 128), jnp.uint32),
+        tile_offsets=jax.ShapeDtypeStruct((n_tiles, k_tiles, 4), jnp.int32),
+        in_features=k,
+        out_features=n,
+    )
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    run = functools.partial(sparse_matmul, implementation="mosaic")
+    grad = jax.value_and_grad(lambda x, w: run(x, w).astype(jnp.float32).sum())
+    exported = testing.lower_for_cuda(grad, x, w)
+    assert "mosaic_gpu" in exported.mlir_module()
