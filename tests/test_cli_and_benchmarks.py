@@ -41,7 +41,7 @@ def test_spmm_benchmark_quick():
     from benchmarks import spmm
 
     rows = spmm.main(["--quick"])
-    assert len(rows) == 4 and all(r[4] > 0 and r[5] > 0 for r in rows)
+    assert len(rows) == 4 and all(r[4] > 0 and r[5]["xla"] > 0 for r in rows)
 
 
 def test_generation_benchmark_quick():
