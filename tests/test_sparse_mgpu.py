@@ -188,3 +188,10 @@ def test_kernel_lowers_for_cuda(m, k, n, values_dtype):
     grad = jax.value_and_grad(lambda x, w: run(x, w).astype(jnp.float32).sum())
     exported = testing.lower_for_cuda(grad, x, w)
     assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_gpu_self_check_passes_in_interpret_mode():
+    from pallax.pallas_kernels import sparse
+
+    with testing.gpu_interpret():
+        assert sparse._mosaic_self_check.__wrapped__()
