@@ -23,7 +23,7 @@ import numpy as np
 
 from benchmarks.timing import L2_BYTES, time_rotating
 from pallax.pallas_kernels import sparse_matmul, sparsify
-from pallax.pallas_kernels.attention import on_hopper
+from pallax.pallas_kernels._dispatch import on_hopper
 
 SHAPES = {
     "opt30b": [(21504, 7168), (7168, 7168), (28672, 7168), (7168, 28672)],

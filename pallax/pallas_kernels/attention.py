@@ -14,16 +14,15 @@ all (possible with windows and unequal lengths) yields zeros, not the mean of
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallax.pallas_kernels import attention_mgpu
+from pallax.pallas_kernels._dispatch import Implementation, choose_implementation
 from pallax.pallas_kernels.attention_mgpu import AttentionConfig, Window
 
-Implementation = Literal["mosaic", "xla"] | None
 MASK_VALUE = -1e30  # Finite: far below any real logit, yet exp(MASK - max) is 0, not NaN.
 
 
@@ -85,15 +84,6 @@ def mosaic_supports(query, key) -> str | None:
     if query.shape[-1] not in attention_mgpu.SUPPORTED_HEAD_DIMS:
         return f"head_dim {query.shape[-1]} (Mosaic kernel supports 64/128/256)"
     return None
-
-
-def on_hopper() -> bool:
-    """True when the default backend is an sm_90 GPU (H100/H200)."""
-    try:
-        device = jax.devices()[0]
-    except RuntimeError:
-        return False
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")) == "9.0"
 
 
 def dot_precision(dtype):
@@ -229,13 +219,7 @@ def dot_product_attention(
     q_len, kv_len, head_dim = query.shape[1], key.shape[1], query.shape[-1]
     left, right = normalize_window(is_causal, local_window_size, q_len, kv_len)
     scale = float(1.0 / np.sqrt(head_dim) if scale is None else scale)
-    if implementation not in (None, "mosaic", "xla"):
-        raise ValueError(f"implementation must be None, 'mosaic' or 'xla', got {implementation!r}")
-    unsupported = mosaic_supports(query, key)
-    if implementation == "mosaic" and unsupported:
-        raise ValueError(f"implementation='mosaic' does not support {unsupported}")
-    if implementation is None:
-        implementation = "mosaic" if (on_hopper() and not unsupported) else "xla"
+    implementation = choose_implementation(implementation, mosaic_supports(query, key))
     if implementation == "xla":
         return attention_reference(query, key, value, scale=scale, left=left, right=right)
     config = config or AttentionConfig.for_head_dim(head_dim)

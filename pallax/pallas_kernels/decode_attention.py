@@ -13,6 +13,7 @@ import numpy as np
 
 from pallax.pallas_kernels import attention as attention_op
 from pallax.pallas_kernels import decode_attention_mgpu as mgpu
+from pallax.pallas_kernels._dispatch import choose_implementation
 from pallax.pallas_kernels.decode_attention_mgpu import DecodeConfig, DecodeGeometry
 
 
@@ -95,13 +96,8 @@ def decode_attention(
         rolling=rolling,
     )
     scale = float(1.0 / np.sqrt(head_dim) if scale is None else scale)
-    if implementation not in (None, "mosaic", "xla"):
-        raise ValueError(f"implementation must be None, 'mosaic' or 'xla', got {implementation!r}")
     unsupported = attention_op.mosaic_supports(query, key_cache)
-    if implementation == "mosaic" and unsupported:
-        raise ValueError(f"implementation='mosaic' does not support {unsupported}")
-    if implementation is None:
-        implementation = "mosaic" if (attention_op.on_hopper() and not unsupported) else "xla"
+    implementation = choose_implementation(implementation, unsupported)
     if implementation == "xla":
         return decode_attention_reference(query, key_cache, value_cache, lengths, geometry, scale)
 

@@ -25,17 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallax.pallas_kernels import quantized_matmul_mgpu as mgpu
-from pallax.pallas_kernels.attention import on_hopper
+from pallax.pallas_kernels._dispatch import Implementation, choose_implementation
 
 PACK_BLOCK = 128  # K padding and int4 pack block; also the kernels' K tile.
-Implementation = Literal["mosaic", "xla"] | None
 
 
 def _round_up(x: int, m: int) -> int:
@@ -301,17 +299,12 @@ def quantized_matmul(
     Gradients reach ``x`` only (weights frozen; see :func:`fake_quantize` for QAT).
     """
     _validate(x, qw, act_bits)
-    if implementation not in (None, "mosaic", "xla"):
-        raise ValueError(f"implementation must be None, 'mosaic' or 'xla', got {implementation!r}")
     unsupported = (
         f"group_size={qw.group_size} (Mosaic kernel needs >= {mgpu.BLOCK_K})"
         if qw.group_size < mgpu.BLOCK_K
         else None
     )
-    if implementation == "mosaic" and unsupported:
-        raise ValueError(f"implementation='mosaic' does not support {unsupported}")
-    if implementation is None:
-        implementation = "mosaic" if (on_hopper() and not unsupported) else "xla"
+    implementation = choose_implementation(implementation, unsupported)
     return _quantized_matmul(x, qw, act_bits, implementation, config)
 
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallax.pallas_kernels import sparse_matmul_mgpu as sparse_mgpu
-from pallax.pallas_kernels.attention import on_hopper
+from pallax.pallas_kernels._dispatch import choose_implementation
 
 TILE_ROWS = 64
 TILE_K = 64
@@ -441,13 +441,8 @@ def sparse_matmul(
         )
     if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         raise ValueError(f"x must be bf16/fp16/fp32, got {x.dtype}")
-    if implementation not in (None, "mosaic", "xla"):
-        raise ValueError(f"implementation must be None, 'mosaic' or 'xla', got {implementation!r}")
-    unsupported = mosaic_supports(x, w)
-    if implementation == "mosaic" and unsupported:
-        raise ValueError(f"implementation='mosaic' does not support {unsupported}")
-    if implementation is None:
-        tokens = int(np.prod(x.shape[:-1]))
-        use_mosaic = not unsupported and tokens <= MOSAIC_MAX_TOKENS and on_hopper()
-        implementation = "mosaic" if use_mosaic and _mosaic_self_check() else "xla"
-    return _sparse_matmul(x, w, implementation, config)
+    memory_bound = int(np.prod(x.shape[:-1])) <= MOSAIC_MAX_TOKENS
+    chosen = choose_implementation(implementation, mosaic_supports(x, w), mosaic_pays=memory_bound)
+    if implementation is None and chosen == "mosaic" and not _mosaic_self_check():
+        chosen = "xla"
+    return _sparse_matmul(x, w, chosen, config)
