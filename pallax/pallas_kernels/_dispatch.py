@@ -35,3 +35,19 @@ def choose_implementation(
         use_mosaic = mosaic_pays and not unsupported and on_hopper()
         return "mosaic" if use_mosaic else "xla"
     return implementation
+
+
+def cotangent_like(grad, primal):
+    """Types ``grad`` like ``primal`` for shard_map's varying-axes (vma) check.
+
+    A custom_vjp inside ``shard_map`` must return cotangents with its inputs'
+    vma: axes on which only ``grad`` varies are summed (the primal was shared
+    across them), axes on which only ``primal`` varies are cast to varying
+    (e.g. Pallas outputs, which carry no vma).
+    """
+    grad_axes, primal_axes = jax.typeof(grad).mat.varying, jax.typeof(primal).mat.varying
+    extra = tuple(grad_axes - primal_axes)
+    if extra:
+        grad = jax.lax.psum(grad, extra)
+    missing = tuple(primal_axes - grad_axes)
+    return jax.lax.pcast(grad, missing, to="varying") if missing else grad

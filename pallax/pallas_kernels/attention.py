@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallax.pallas_kernels import attention_mgpu
-from pallax.pallas_kernels._dispatch import Implementation, choose_implementation
+from pallax.pallas_kernels._dispatch import Implementation, choose_implementation, cotangent_like
 from pallax.pallas_kernels.attention_mgpu import AttentionConfig, Window
 
 MASK_VALUE = -1e30  # Finite: far below any real logit, yet exp(MASK - max) is 0, not NaN.
@@ -152,16 +152,6 @@ def _mosaic_forward(query, key, value, scale, window, config):
     return out[:, : window.q_len], (q, k, v, out, lse)
 
 
-def _vary_like(grad, primal):
-    """Give ``grad`` the per-device variance (shard_map vma) of ``primal``.
-
-    Pallas outputs carry no vma, but a custom_vjp must return cotangents typed
-    like its inputs when it runs inside ``shard_map``.
-    """
-    missing = tuple(jax.typeof(primal).mat.varying - jax.typeof(grad).mat.varying)
-    return jax.lax.pcast(grad, missing, to="varying") if missing else grad
-
-
 def _mosaic_attention_bwd(scale, window, config, residuals, d_out):
     q, k, v, out, lse = residuals
     if q.shape[-1] > attention_mgpu.MAX_BACKWARD_HEAD_DIM:
@@ -177,7 +167,7 @@ def _mosaic_attention_bwd(scale, window, config, residuals, d_out):
         q, k, v, out, lse, do, window=window, scale=scale, config=config
     )
     grads = dq[:, : window.q_len], dk[:, : window.kv_len], dv[:, : window.kv_len]
-    return tuple(_vary_like(g, x) for g, x in zip(grads, (q, k, v), strict=True))
+    return tuple(cotangent_like(g, x) for g, x in zip(grads, (q, k, v), strict=True))
 
 
 _mosaic_attention.defvjp(

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallax.pallas_kernels import sparse_matmul_mgpu as sparse_mgpu
-from pallax.pallas_kernels._dispatch import choose_implementation
+from pallax.pallas_kernels._dispatch import choose_implementation, cotangent_like
 
 TILE_ROWS = 64
 TILE_K = 64
@@ -379,12 +379,12 @@ def _bwd(implementation, config, residuals, dy):
     dw = jnp.matmul(
         x.reshape(-1, k).T, dy.reshape(-1, n), preferred_element_type=jnp.float32
     ).astype(dense.dtype)
-    (dvalues,) = pull_values(dw)
+    (dvalues,) = pull_values(cotangent_like(dw, dense))
     no_grad = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731
     dw_sparse = dataclasses.replace(
         w, values=dvalues, bitmap=no_grad(w.bitmap), tile_offsets=no_grad(w.tile_offsets)
     )
-    return dx.astype(x.dtype), dw_sparse
+    return cotangent_like(dx.astype(x.dtype), x), dw_sparse
 
 
 _sparse_matmul.defvjp(_fwd, _bwd)
