@@ -10,6 +10,8 @@ over enough copies to exceed the 50 MB L2 of an H100.
 On Hopper both implementations run: the Mosaic kernel (``mosaic``, its
 speedup is the headline) and the XLA path (``xla``: decode to dense, then
 dot). Elsewhere only the XLA path runs (the Mosaic column shows ``-``).
+``--decode dense|bits`` forces the kernel's tile decode (default: picked by
+density, "bits" at <= 25% nonzeros); run both to check that threshold.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from benchmarks.timing import L2_BYTES, time_rotating
 from pallax.pallas_kernels import sparse_matmul, sparsify
 from pallax.pallas_kernels._dispatch import on_hopper
+from pallax.pallas_kernels.sparse_matmul_mgpu import DECODES, SpmmConfig
 
 SHAPES = {
     "opt30b": [(21504, 7168), (7168, 7168), (28672, 7168), (7168, 28672)],
@@ -33,8 +36,11 @@ SHAPES = {
 }
 
 
-def run(shapes, tokens, sparsities, iters):
-    print(f"# device={jax.devices()[0].device_kind} jax={jax.__version__} bf16")
+def run(shapes, tokens, sparsities, iters, decode=None):
+    print(
+        f"# device={jax.devices()[0].device_kind} jax={jax.__version__} bf16"
+        f" decode={decode or 'by density'}"
+    )
     print(
         f"{'M(out)':>7}{'K(in)':>7}{'N':>4}{'sparsity':>9}{'dense us':>10}{'mosaic us':>10}"
         f"{'xla us':>9}{'GB/s':>8}{'speedup':>9}{'bound':>7}"
@@ -43,7 +49,9 @@ def run(shapes, tokens, sparsities, iters):
     dense_fn = jax.jit(lambda x, w: x @ w)
     implementations = ["mosaic", "xla"] if on_hopper() else ["xla"]
     sparse_fns = {
-        impl: jax.jit(functools.partial(sparse_matmul, implementation=impl))
+        impl: jax.jit(
+            functools.partial(sparse_matmul, implementation=impl, config=SpmmConfig(decode=decode))
+        )
         for impl in implementations
     }
     rows = []
@@ -79,11 +87,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", nargs="*", default=list(SHAPES))
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--decode", choices=DECODES, default=None)
     args = parser.parse_args(argv)
     if args.quick:
-        return run([(256, 192)], [1, 16], [0.5, 0.9], 2)
+        return run([(256, 192)], [1, 16], [0.5, 0.9], 2, args.decode)
     shapes = [s for name in args.models for s in SHAPES[name]]
-    return run(shapes, [1, 8, 16, 32, 64], [0.5, 0.7, 0.8, 0.9], args.iters)
+    return run(shapes, [1, 8, 16, 32, 64], [0.5, 0.7, 0.8, 0.9], args.iters, args.decode)
 
 
 if __name__ == "__main__":

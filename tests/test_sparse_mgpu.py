@@ -30,9 +30,10 @@ def imbalanced_weight(k, n, density, seed=0, dtype=jnp.bfloat16):
     return SparseWeight.from_dense(w.astype(dtype))
 
 
+@pytest.mark.parametrize("strategy", sm.DECODES)
 @pytest.mark.parametrize("shift", [0, 1000, sm.RING - 700])  # the last wraps the ring
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
-def test_decode_tile_matches_dense(shift, density):
+def test_decode_tile_matches_dense(shift, density, strategy):
     """The thread-level decode (jnp backend), fed a ring as the kernel sees it."""
     w = imbalanced_weight(192, 128, density)
     dense_t = np.asarray(w.todense(), np.float32).T
@@ -46,6 +47,7 @@ def test_decode_tile_matches_dense(shift, density):
             jnp.asarray(ring),
             w.tile_offsets[n_tile, k_tile] + shift,
             jnp.bfloat16,
+            strategy,
         )
         rows, cols = slice(64 * n_tile, 64 * n_tile + 64), slice(64 * k_tile, 64 * k_tile + 64)
         np.testing.assert_array_equal(np.asarray(tile, np.float32), dense_t[rows, cols])
@@ -64,6 +66,19 @@ def test_swizzled_offsets_are_a_permutation_of_16_byte_chunks():
                 seen.add(off)
         assert len(seen) == 64 * cols // 8
     assert sm.swizzled_offset(1, 0, 64) == 64 + 8  # chunk 0 of row 1 moves to chunk 1
+    # Single elements (the "bits" decode) keep their place inside the chunk.
+    assert sm.swizzled_offset(1, 5, 64) == 64 + 8 + 5
+    assert sm.swizzled_offset(9, 70, 128) == sm.swizzled_offset(9, 64, 128) + 6
+
+
+@pytest.mark.parametrize(
+    "density, expected", [(0.05, "bits"), (0.25, "bits"), (0.3, "dense"), (1.0, "dense")]
+)
+def test_decode_strategy_follows_density(density, expected):
+    assert sm.SpmmConfig().decode_for(density) == expected
+    assert sm.SpmmConfig(decode="dense").decode_for(density) == "dense"
+    with pytest.raises(ValueError, match="decode='scatter'"):
+        sm.SpmmConfig(decode="scatter")
 
 
 def test_chunk_ranges_cover_each_tile_once():
@@ -96,6 +111,10 @@ def interpret_matmul(x, w, **config):
         (256, 64, 1, 0.02, {"k_splits": 2}),
         (192, 128, 24, 0.5, {"block_m": 8}),  # 3 token tiles
         (320, 64, 3, 0.9, {}),  # 5 tiles of ~3700 nonzeros: the ring wraps
+        # The set-bit decode: picked by density, and forced on dense-ish tiles.
+        (300, 130, 5, 0.1, {}),
+        (320, 64, 3, 0.9, {"decode": "bits"}),
+        (192, 128, 24, 0.05, {"decode": "dense", "block_m": 8}),
     ],
 )
 def test_kernel_matches_scipy_in_interpret_mode(k, n, m, density, config):
@@ -156,7 +175,7 @@ def test_gradients_through_the_kernel():
 
 
 # The shapes the models and benchmarks send to the kernel: Llama-7B/8B-like
-# projections and an OPT-30B one, decode-sized token counts, 50-90% sparsity.
+# projections and an OPT-30B one, decode-sized token counts, 70% and 90% sparsity.
 @pytest.mark.parametrize("m", [1, 16, 64, 256])
 @pytest.mark.parametrize(
     "k, n",
@@ -173,8 +192,9 @@ def test_gradients_through_the_kernel():
     ],
 )
 @pytest.mark.parametrize("values_dtype", [jnp.bfloat16, jnp.float32])
-def test_kernel_lowers_for_cuda(m, k, n, values_dtype):
-    nnz = int(0.3 * k * n)
+@pytest.mark.parametrize("density", [0.3, 0.1])  # the "dense" and the "bits" decode
+def test_kernel_lowers_for_cuda(m, k, n, values_dtype, density):
+    nnz = int(density * k * n)
     n_tiles, k_tiles = -(-n // 64), -(-k // 64)
     w = SparseWeight(
         values=jax.ShapeDtypeStruct((nnz,), values_dtype),
@@ -195,3 +215,20 @@ def test_gpu_self_check_passes_in_interpret_mode():
 
     with testing.gpu_interpret():
         assert sparse._mosaic_self_check.__wrapped__()
+
+
+def test_gpu_self_check_rejects_a_wrong_decode(monkeypatch):
+    """A decode that is wrong on the device turns the kernel off, with a warning."""
+    from pallax.pallas_kernels import sparse
+
+    real = sm.decode_tile_reference
+
+    def doubled_bits(words, ring, starts, dtype, strategy="dense"):
+        tile = real(words, ring, starts, dtype, strategy)
+        return tile * 2 if strategy == "bits" else tile
+
+    monkeypatch.setattr(sm, "decode_tile_reference", doubled_bits)
+    jax.clear_caches()  # not the product traced by the passing self-check
+    with testing.gpu_interpret(), pytest.warns(UserWarning, match="bits decode"):
+        assert not sparse._mosaic_self_check.__wrapped__()
+    jax.clear_caches()

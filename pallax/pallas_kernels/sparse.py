@@ -402,19 +402,25 @@ def _mosaic_self_check() -> bool:
     dense[:64, :64] = rng.standard_normal((64, 64))  # a full tile
     w = SparseWeight.from_dense(dense.astype(jnp.bfloat16))
     x = jnp.asarray(rng.standard_normal((8, 320)), jnp.bfloat16)
-    try:
-        got = np.asarray(jax.jit(_mosaic_matmul, static_argnums=2)(x, w, None), np.float32)
-    except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernel
-        warnings.warn(
-            f"pallax: Mosaic sparse_matmul failed its self-check ({e}); using XLA", stacklevel=3
-        )
-        return False
     expected = np.asarray(sparse_matmul_reference(x, w), np.float32)
-    if not np.allclose(got, expected, rtol=2e-2, atol=2e-2):
-        warnings.warn(
-            "pallax: Mosaic sparse_matmul disagrees with XLA on this GPU; using XLA", stacklevel=3
-        )
-        return False
+    for decode in sparse_mgpu.DECODES:  # Both decodes, whichever density picks.
+        config = sparse_mgpu.SpmmConfig(decode=decode)
+        try:
+            got = np.asarray(jax.jit(_mosaic_matmul, static_argnums=2)(x, w, config), np.float32)
+        except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernel
+            warnings.warn(
+                f"pallax: Mosaic sparse_matmul ({decode} decode) failed its self-check ({e}); "
+                "using XLA",
+                stacklevel=3,
+            )
+            return False
+        if not np.allclose(got, expected, rtol=2e-2, atol=2e-2):
+            warnings.warn(
+                f"pallax: Mosaic sparse_matmul ({decode} decode) disagrees with XLA on this GPU; "
+                "using XLA",
+                stacklevel=3,
+            )
+            return False
     return True
 
 

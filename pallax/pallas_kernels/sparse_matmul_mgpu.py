@@ -18,6 +18,8 @@ tiles (split-K). Two warpgroups:
 * compute (wg 0) decodes each tile into a dense bf16/fp16 tile in shared
   memory (one thread per 32-bit bitmap word: popcount, a warp prefix sum by
   shuffles, then one shared-memory load per nonzero) and runs wgmma on it.
+  Two decodes: "dense" handles all 32 bits branch free; "bits" (weights with
+  <= 25% nonzeros) zeroes the row and loops over the set bits only.
 
 The decode is per-thread code, which Pallas' Mosaic GPU dialect cannot
 express in jax 0.11 (no gather, popcount, shuffles), so it is written once in
@@ -50,6 +52,14 @@ CHUNK = 256  # values per TMA copy (the TMA box limit)
 RING_CHUNKS = 32  # a tile's <= 4096 nonzeros span <= 17 chunks
 RING = CHUNK * RING_CHUNKS  # values ring size, a power of two (index wrap by mask)
 WARP = 32
+# Decode strategies. "dense" visits all 32 bits of a thread's word (~9
+# instructions each); "bits" zeroes the row and visits only the set bits
+# (~13 each), so a warp loops max-over-lanes-of-popcount times: about 13 of 32
+# at density 0.25 (uniform random bits), 7 at 0.1. Break-even is near 0.4;
+# we switch at 0.25 to keep a margin for clustered rows, where a warp's max
+# popcount (not the mean) sets the loop count.
+DECODES = ("dense", "bits")
+BITS_DECODE_MAX_DENSITY = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +70,20 @@ class SpmmConfig:
     max_concurrent_steps: int = 4
     k_splits: int | None = None  # None: aim for ``target_ctas`` CTAs.
     target_ctas: int = 264
+    decode: str | None = None  # "dense", "bits", or None: by the weight's density.
 
     def __post_init__(self):
+        if self.decode not in (None, *DECODES):
+            raise ValueError(f"decode={self.decode!r} must be one of {DECODES} or None")
         if self.block_m is not None and (self.block_m % 8 or not 8 <= self.block_m <= 256):
             raise ValueError(f"block_m={self.block_m} must be a multiple of 8 in [8, 256]")
         if self.max_concurrent_steps < 2:
             raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 2")
         if self.k_splits is not None and self.k_splits < 1:
             raise ValueError(f"k_splits={self.k_splits} must be >= 1")
+
+    def decode_for(self, density: float) -> str:
+        return self.decode or ("bits" if density <= BITS_DECODE_MAX_DENSITY else "dense")
 
     def block_m_for(self, m: int) -> int:
         return self.block_m or min(128, -(-m // 8) * 8)
@@ -85,27 +101,43 @@ class SpmmConfig:
 # Tile decode, written once for both backends.
 
 
-def decode_thread(ops, lane, word, warp_start):
-    """One thread's 32 weights of a 64x64 tile.
-
-    ``word``: the thread's bitmap word (thread ``t`` holds word ``t``: row
-    ``t // 2``, inputs ``32 (t % 2) ..``); ``warp_start``: ring index of the
-    first nonzero of the thread's warp (16 rows). Word order is value order, so
-    a thread's first nonzero follows those of the lower lanes: an exclusive
-    prefix sum of popcounts across the warp (Hillis-Steele with shuffles).
-    Returns 32 values (zeros where the bit is clear).
-    """
+def _first_of_thread(ops, lane, word, warp_start):
+    """Ring index of the thread's first nonzero. Word order is value order, so
+    it follows those of the lower lanes: an exclusive prefix sum of popcounts
+    across the warp (Hillis-Steele with shuffles)."""
     count = ops.popc(word)
     inclusive = count
     for delta in (1, 2, 4, 8, 16):
         inclusive = inclusive + ops.select(lane >= delta, ops.shfl_up(inclusive, delta), 0)
-    first = warp_start + inclusive - count
-    out = []
-    for i in range(WARP):
-        rank = ops.popc(word & ((1 << i) - 1)) if i else 0
-        value = ops.load_ring((first + rank) & (RING - 1))
-        out.append(ops.select(((word >> i) & 1) != 0, value, ops.zero))
-    return out
+    return warp_start + inclusive - count
+
+
+def decode_thread(ops, lane, word, warp_start, strategy: str = "dense"):
+    """Writes one thread's 32 weights of a 64x64 tile through ``ops``.
+
+    ``word``: the thread's bitmap word (thread ``t`` holds word ``t``: row
+    ``t // 2``, inputs ``32 (t % 2) ..``); ``warp_start``: ring index of the
+    first nonzero of the thread's warp (16 rows). ``strategy`` "dense": every
+    bit, branch free (rank of bit ``i`` = popcount of the bits below it);
+    "bits": zero the 32 weights, then loop over the set bits only.
+    """
+    first = _first_of_thread(ops, lane, word, warp_start)
+    if strategy == "dense":
+        out = []
+        for i in range(WARP):
+            rank = ops.popc(word & ((1 << i) - 1)) if i else 0
+            value = ops.load_ring((first + rank) & (RING - 1))
+            out.append(ops.select(((word >> i) & 1) != 0, value, ops.zero))
+        ops.store_row(out)
+        return
+
+    ops.store_row([ops.zero] * WARP)
+
+    def set_bit(k, bits):  # k-th nonzero of the thread: the lowest bit left
+        ops.store_at(ops.ctz(bits), ops.load_ring((first + k) & (RING - 1)))
+        return bits & (bits - 1)
+
+    ops.loop(ops.popc(word), set_bit, word)
 
 
 class _JnpOps:
@@ -115,10 +147,16 @@ class _JnpOps:
         self.ring = ring
         self.zero = jnp.zeros((), dtype)
         self.dtype = dtype
+        self.out = jnp.zeros((WORDS, WARP), dtype)  # thread t's 32 weights
+        self.active = True  # threads still inside ``loop``
 
     @staticmethod
     def popc(x):
         return lax.population_count(x).astype(jnp.int32)
+
+    @staticmethod
+    def ctz(x):
+        return lax.population_count((x & (~x + 1)) - 1).astype(jnp.int32)
 
     @staticmethod
     def shfl_up(x, delta):
@@ -134,27 +172,45 @@ class _JnpOps:
     def load_ring(self, index):
         return jnp.take(self.ring, index, axis=0).astype(self.dtype)
 
+    def store_row(self, values):
+        self.out = jnp.broadcast_to(jnp.stack(values, axis=-1), self.out.shape)
 
-def decode_tile_reference(words, ring, warp_starts, dtype):
+    def store_at(self, pos, value):
+        threads = jnp.arange(WORDS)
+        pos = jnp.minimum(pos, WARP - 1)  # ctz(0) = 32 on inactive threads
+        self.out = self.out.at[threads, pos].set(
+            jnp.where(self.active, value, self.out[threads, pos])
+        )
+
+    def loop(self, count, body, carry):
+        """Every thread runs ``count[t]`` iterations: 32 masked ones here."""
+        for k in range(WARP):
+            self.active = k < count
+            carry = body(k, carry)
+        self.active = True
+        return carry
+
+
+def decode_tile_reference(words, ring, warp_starts, dtype, strategy: str = "dense"):
     """jnp backend of :func:`decode_thread`: uint32 ``[128]`` words -> ``[64, 64]`` tile."""
     lanes = jnp.arange(WORDS, dtype=jnp.int32)
     starts = jnp.repeat(jnp.asarray(warp_starts, jnp.int32), WARP)
     ops = _JnpOps(ring, dtype)
-    values = decode_thread(ops, lanes % WARP, words.astype(jnp.uint32), starts)
-    return jnp.stack(values, axis=1).reshape(TILE, TILE)
+    decode_thread(ops, lanes % WARP, words.astype(jnp.uint32), starts, strategy)
+    return ops.out.reshape(TILE, TILE)
 
 
 def swizzled_offset(row, col, cols: int):
-    """Element offset of ``(row, col)`` (``col % 8 == 0``) in a ``[rows, cols]``
-    16-bit SMEM ref with ``smem_transforms`` (8 x 64 tiles, 128-byte swizzle):
-    the 16-byte chunk index within a 128-byte row is XORed with ``row % 8``.
-    Works on Python ints and on the MLIR wrapper below."""
+    """Element offset of ``(row, col)`` in a ``[rows, cols]`` 16-bit SMEM ref
+    with ``smem_transforms`` (8 x 64 tiles, 128-byte swizzle): the 16-byte
+    chunk index within a 128-byte row is XORed with ``row % 8``. Works on
+    Python ints and on the MLIR wrapper below."""
     tile = (row >> 3) * (cols // TILE) + (col >> 6)
     chunk = ((col & (TILE - 1)) >> 3) ^ (row & 7)
-    return tile * (8 * TILE) + (row & 7) * TILE + (chunk << 3)
+    return tile * (8 * TILE) + (row & 7) * TILE + (chunk << 3) + (col & 7)
 
 
-def _mlir_decode(ctx, words_ref, ring_ref, staging_ref, warp_starts, *, tile_col: int):
+def _mlir_decode(ctx, words_ref, ring_ref, staging_ref, warp_starts, *, strategy: str):
     """MLIR backend (inline_mgpu body): decodes one tile into ``staging_ref``."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, memref, nvvm, vector
@@ -214,6 +270,12 @@ def _mlir_decode(ctx, words_ref, ring_ref, staging_ref, warp_starts, *, tile_col
     ring_ref = flat(ring_ref)
     out_type = ir.MemRefType(staging_flat.type).element_type
     ring_type = ir.MemRefType(ring_ref.type).element_type
+    cols = int(ir.MemRefType(staging_ref.type).shape[1]) * TILE
+    thread = Reg(arith.remui(mgpu_utils.thread_idx(), const(WORDS)))
+    row, col0 = thread >> 1, (thread & 1) << 5  # the thread's 32 weights
+
+    def at(offset):
+        return [arith.index_cast(index, offset.value)]
 
     class Ops:
         zero = arith.constant(out_type, 0.0)
@@ -221,6 +283,10 @@ def _mlir_decode(ctx, words_ref, ring_ref, staging_ref, warp_starts, *, tile_col
         @staticmethod
         def popc(x):
             return Reg(mlir_math.ctpop(x.value))
+
+        @staticmethod
+        def ctz(x):
+            return Reg(mlir_math.cttz(x.value))
 
         @staticmethod
         def shfl_up(x, delta):
@@ -235,12 +301,30 @@ def _mlir_decode(ctx, words_ref, ring_ref, staging_ref, warp_starts, *, tile_col
 
         @staticmethod
         def load_ring(i):
-            value = memref.load(ring_ref, [arith.index_cast(index, i.value)])
+            value = memref.load(ring_ref, at(i))
             if ring_type != out_type:
                 value = arith.truncf(out_type, value)
             return value
 
-    thread = Reg(arith.remui(mgpu_utils.thread_idx(), const(WORDS)))
+        @staticmethod
+        def store_row(values):  # four 16-byte stores
+            vec_type = ir.VectorType.get((8,), out_type)
+            for j in range(4):
+                vec = vector.from_elements(vec_type, values[8 * j : 8 * j + 8])
+                vector.store(vec, staging_flat, at(swizzled_offset(row, col0 + 8 * j, cols)))
+
+        @staticmethod
+        def store_at(pos, value):
+            memref.store(value, staging_flat, at(swizzled_offset(row, col0 + pos, cols)))
+
+        @staticmethod
+        def loop(count, body, carry):
+            @mgpu_utils.fori(count.value, carry.value)
+            def result(k, carry):
+                return body(Reg(k), Reg(carry)).value
+
+            return Reg(result.results[0])
+
     lane = thread & (WARP - 1)
     word = Reg(memref.load(words_ref, [arith.index_cast(index, thread.value)]))
     warp = thread >> 5
@@ -249,15 +333,7 @@ def _mlir_decode(ctx, words_ref, ring_ref, staging_ref, warp_starts, *, tile_col
     for w in range(1, 4):  # This warp's start: a select chain over the 4 scalars.
         is_w = arith.cmpi(arith.CmpIPredicate.eq, warp.value, const(w))
         start = Ops.select(is_w, starts[w], start)
-    values = decode_thread(Ops, lane, word, start)
-    row = thread >> 1
-    cols = int(ir.MemRefType(staging_ref.type).shape[1]) * TILE
-    vec_type = ir.VectorType.get((8,), out_type)
-    for j in range(4):
-        col = ((thread & 1) << 5) + (tile_col + 8 * j)
-        offset = swizzled_offset(row, col, cols)
-        vec = vector.from_elements(vec_type, values[8 * j : 8 * j + 8])
-        vector.store(vec, staging_flat, [arith.index_cast(index, offset.value)])
+    decode_thread(Ops, lane, word, start, strategy)
     return ()
 
 
@@ -305,6 +381,7 @@ def _kernel(
     block_m: int,
     num_slots: int,
     interpret: bool,
+    decode_strategy: str,
 ):
     n_tile = lax.axis_index("n_tiles")
     split = lax.axis_index("k_splits")
@@ -389,7 +466,11 @@ def _kernel(
             if interpret:
                 ring = ring_smem[...].reshape(-1)
                 tile = decode_tile_reference(
-                    words_smem[slot], ring, jnp.stack(warp_starts), staging_smem.dtype
+                    words_smem[slot],
+                    ring,
+                    jnp.stack(warp_starts),
+                    staging_smem.dtype,
+                    decode_strategy,
                 )
                 staging_smem[...] = tile
                 return
@@ -401,7 +482,7 @@ def _kernel(
                     plgpu.RefType(transforms=_mgpu.smem_transforms(staging_smem.dtype, TILE)),
                     (splat,) * 4,
                 ),
-            )(functools.partial(_mlir_decode, tile_col=0))(
+            )(functools.partial(_mlir_decode, strategy=decode_strategy))(
                 words_smem.at[slot], ring_smem, staging_smem, tuple(warp_starts)
             )
 
@@ -478,6 +559,7 @@ def matmul(x, w, *, config: SpmmConfig | None = None):
         block_m=block_m,
         num_slots=num_slots,
         interpret=_mgpu.interpreting(),
+        decode_strategy=config.decode_for(nnz_end / (n_tiles * k_tiles * TILE * TILE)),
     )
     loaded, consumed = _mgpu.ring_barriers(num_slots, 2, 1)
     partials = plgpu.kernel(
