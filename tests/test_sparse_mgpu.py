@@ -91,7 +91,7 @@ def test_chunk_ranges_cover_each_tile_once():
     starts = ends - counts
     g_hi, fetched = 0, []
     for start, end in zip(starts, ends, strict=True):
-        _, n_new, g_hi = (int(v) for v in sm._chunk_range(start, end, g_hi))
+        n_new, g_hi = (int(v) for v in sm._chunk_range(start, end, g_hi))
         fetched += range(g_hi - n_new, g_hi)
         if end > start:
             assert set(range(start // sm.CHUNK, -(-end // sm.CHUNK))) <= set(fetched)

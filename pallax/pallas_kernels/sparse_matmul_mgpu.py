@@ -53,12 +53,15 @@ RING_CHUNKS = 32  # a tile's <= 4096 nonzeros span <= 17 chunks
 RING = CHUNK * RING_CHUNKS  # values ring size, a power of two (index wrap by mask)
 WARP = 32
 # Decode strategies. "dense" visits all 32 bits of a thread's word (~9
-# instructions each); "bits" zeroes the row and visits only the set bits
-# (~13 each), so a warp loops max-over-lanes-of-popcount times: about 13 of 32
-# at density 0.25 (uniform random bits), 7 at 0.1. Break-even is near 0.4;
-# we switch at 0.25 to keep a margin for clustered rows, where a warp's max
-# popcount (not the mean) sets the loop count.
+# instructions each, 32 independent loads in flight). "bits" zeroes the row
+# and visits only the set bits, BITS_UNROLL at a time (their loads issued
+# together so one shared-memory latency covers them; stores predicated), ~12
+# instructions a slot. A warp runs ceil(max over its lanes of popcount / 8)
+# groups: 2 at density 0.25 (uniform random bits: max popcount ~13), 1 at 0.1.
+# Break-even is near density 0.4; switching at 0.25 leaves a margin for
+# clustered rows, where a warp's max popcount sets the loop count.
 DECODES = ("dense", "bits")
+BITS_UNROLL = 8
 BITS_DECODE_MAX_DENSITY = 0.25
 
 
@@ -133,11 +136,16 @@ def decode_thread(ops, lane, word, warp_start, strategy: str = "dense"):
 
     ops.store_row([ops.zero] * WARP)
 
-    def set_bit(k, bits):  # k-th nonzero of the thread: the lowest bit left
-        ops.store_at(ops.ctz(bits), ops.load_ring((first + k) & (RING - 1)))
-        return bits & (bits - 1)
+    def set_bits(group, bits):  # nonzeros 8 g .. 8 g + 7 of the thread
+        base = first + group * BITS_UNROLL
+        values = [ops.load_ring((base + j) & (RING - 1)) for j in range(BITS_UNROLL)]
+        for value in values:  # each goes to the lowest bit still set
+            ops.store_at(ops.ctz(bits), value, bits != 0)
+            bits = bits & (bits - 1)
+        return bits
 
-    ops.loop(ops.popc(word), set_bit, word)
+    groups = (ops.popc(word) + BITS_UNROLL - 1) >> (BITS_UNROLL.bit_length() - 1)
+    ops.loop(groups, set_bits, word)
 
 
 class _JnpOps:
@@ -175,16 +183,17 @@ class _JnpOps:
     def store_row(self, values):
         self.out = jnp.broadcast_to(jnp.stack(values, axis=-1), self.out.shape)
 
-    def store_at(self, pos, value):
+    def store_at(self, pos, value, predicate):
         threads = jnp.arange(WORDS)
-        pos = jnp.minimum(pos, WARP - 1)  # ctz(0) = 32 on inactive threads
+        pos = jnp.minimum(pos, WARP - 1)  # ctz(0) = 32 where the predicate is off
         self.out = self.out.at[threads, pos].set(
-            jnp.where(self.active, value, self.out[threads, pos])
+            jnp.where(self.active & predicate, value, self.out[threads, pos])
         )
 
     def loop(self, count, body, carry):
-        """Every thread runs ``count[t]`` iterations: 32 masked ones here."""
-        for k in range(WARP):
+        """Thread ``t`` runs ``count[t] <= 32 / BITS_UNROLL`` iterations; all
+        threads run the maximum here, masked."""
+        for k in range(WARP // BITS_UNROLL):
             self.active = k < count
             carry = body(k, carry)
         self.active = True
@@ -314,8 +323,9 @@ def _mlir_decode(ctx, words_ref, ring_ref, staging_ref, warp_starts, *, strategy
                 vector.store(vec, staging_flat, at(swizzled_offset(row, col0 + 8 * j, cols)))
 
         @staticmethod
-        def store_at(pos, value):
-            memref.store(value, staging_flat, at(swizzled_offset(row, col0 + pos, cols)))
+        def store_at(pos, value, predicate):
+            with mgpu_utils.when(predicate):
+                memref.store(value, staging_flat, at(swizzled_offset(row, col0 + pos, cols)))
 
         @staticmethod
         def loop(count, body, carry):
@@ -345,15 +355,15 @@ def _chunk_range(start, end, g_hi):
     """Chunks of the values ring for a tile whose nonzeros are ``[start, end)``.
 
     ``g_hi``: one past the last chunk (in units of ``CHUNK`` values of the
-    weight) fetched so far. Returns ``(a, n_new, g_hi')``: the tile's first
-    chunk, how many chunks to fetch, and the new ``g_hi``. A tile's first chunk
-    may be the previous tile's last one, which is then still in the ring.
+    weight) fetched so far. Returns ``(n_new, g_hi')``: how many chunks to
+    fetch and the new ``g_hi``. A tile's first chunk may be the previous
+    tile's last one, which is then still in the ring.
     """
     nonempty = end > start
     a = lax.div(start, CHUNK)
     b = jnp.where(nonempty, cdiv(end, CHUNK), a)
     n_new = jnp.where(nonempty, b - jnp.maximum(a, g_hi), 0)
-    return a, n_new, jnp.where(nonempty, b, g_hi)
+    return n_new, jnp.where(nonempty, b, g_hi)
 
 
 def _kernel(
@@ -424,7 +434,7 @@ def _kernel(
             plgpu.copy_gmem_to_smem(
                 bitmap_ref.at[n_tile, step], words_smem.at[slot], step_loaded[1].at[slot]
             )
-            _, n_new, g_hi_new = _chunk_range(start_of(step), end_of(step), g_hi)
+            n_new, g_hi_new = _chunk_range(start_of(step), end_of(step), g_hi)
             first = g_hi_new - n_new
 
             def issue(i, q):
@@ -491,7 +501,7 @@ def _kernel(
             slot = _mgpu.slot_of(s, lo, num_slots)
             plgpu.barrier_wait(step_loaded[0].at[slot])
             plgpu.barrier_wait(step_loaded[1].at[slot])
-            _, n_new, g_hi = _chunk_range(start_of(s), end_of(s), g_hi)
+            n_new, g_hi = _chunk_range(start_of(s), end_of(s), g_hi)
 
             @pl.loop(q_hi, q_hi + n_new)
             def _wait(q):
