@@ -33,8 +33,8 @@ test: $(VENV)/.installed $(HF_VENV)/.installed
 	PALLAX_HF_PYTHON=$(HF_VENV)/bin/python $(PY) -m pytest -q -n 2 --durations=15 tests
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check pallax tests benchmarks
-	$(PY) -m ruff format --check pallax tests benchmarks
+	$(PY) -m ruff check pallax tests benchmarks examples
+	$(PY) -m ruff format --check pallax tests benchmarks examples
 
 bench: $(VENV)/.installed
 	$(PY) -m pallax bench attention
