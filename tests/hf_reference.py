@@ -1,6 +1,6 @@
 """Runs Hugging Face transformers (torch, CPU) for the parity tests; Python 3.11 venv.
 
-python hf_reference.py make  llama|mistral DIR TOKENS.npy OUT.npy   # random tiny model
+python hf_reference.py make  llama|llama3|linear|mistral DIR TOKENS.npy OUT.npy  # random tiny model
 python hf_reference.py logits DIR TOKENS.npy OUT.npy                # load a directory
 """
 
@@ -25,6 +25,19 @@ def tiny_config(kind):
     )
     if kind == "llama":
         return transformers.LlamaConfig(rope_theta=10000.0, **common)
+    if kind == "llama3":  # Llama 3.1 RoPE scaling; a small original context so
+        # that the 16-dim heads have scaled, blended and kept frequencies
+        scaling = dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=32,
+        )
+        return transformers.LlamaConfig(rope_theta=10000.0, rope_scaling=scaling, **common)
+    if kind == "linear":
+        scaling = dict(rope_type="linear", factor=4.0)
+        return transformers.LlamaConfig(rope_theta=10000.0, rope_scaling=scaling, **common)
     return transformers.MistralConfig(rope_theta=1e6, sliding_window=6, **common)
 
 

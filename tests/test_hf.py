@@ -5,6 +5,7 @@ The reference runs in a separate Python 3.11 venv (``make test`` builds
 """
 
 import dataclasses
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pallax.models import Transformer, TransformerConfig, generate
-from pallax.models.hf import from_hf, to_hf
+from pallax.models import RopeScaling, Transformer, TransformerConfig, generate
+from pallax.models.hf import config_to_hf, from_hf, to_hf
 
 REFERENCE = Path(__file__).with_name("hf_reference.py")
 # Mirrors hf_reference.tiny_config (Llama flavour; Mistral adds a window).
@@ -46,7 +47,7 @@ def run_reference(*args):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "linear", "mistral"])
 def test_from_hf_matches_transformers_logits(kind, tmp_path):
     tokens = np.random.default_rng(0).integers(0, 96, (2, 20))
     np.save(tmp_path / "tokens.npy", tokens)
@@ -54,12 +55,17 @@ def test_from_hf_matches_transformers_logits(kind, tmp_path):
     model = from_hf(tmp_path / kind, dtype="float32")
     if kind == "mistral":  # the window (6) is shorter than the sequence (20)
         assert model.config.sliding_window == 6
+    if kind in ("llama3", "linear"):
+        assert model.config.rope_scaling.kind == kind
     ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
     np.testing.assert_allclose(ours, np.load(tmp_path / "ref.npy"), atol=2e-5, rtol=2e-5)
 
 
-def test_to_hf_round_trip_loads_in_transformers(tmp_path):
-    config = dataclasses.replace(TINY, sliding_window=5)
+@pytest.mark.parametrize(
+    "rope_scaling", [None, RopeScaling("llama3", 4.0, 1.0, 2.0, original_max_positions=24)]
+)
+def test_to_hf_round_trip_loads_in_transformers(rope_scaling, tmp_path):
+    config = dataclasses.replace(TINY, sliding_window=5, rope_scaling=rope_scaling)
     model = Transformer(config, rngs=nnx.Rngs(3))
     tokens = np.random.default_rng(1).integers(0, 96, (2, 16))
     np.save(tmp_path / "tokens.npy", tokens)
@@ -81,6 +87,26 @@ def test_from_hf_rejects_unsupported_checkpoints(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
         from_hf(tmp_path)
+    yarn = {**config_to_hf(TINY), "rope_scaling": {"type": "yarn", "factor": 4.0}}
+    (tmp_path / "config.json").write_text(json.dumps(yarn))
+    with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
+        from_hf(tmp_path)
+
+
+def test_rope_scaling_config_round_trips_and_validates():
+    from pallax.train.config import TrainConfig, from_dict, to_dict
+
+    scaling = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+    config = TrainConfig(model=dataclasses.replace(TINY, rope_scaling=scaling))
+    restored = from_dict(json.loads(json.dumps(to_dict(config))))
+    assert restored.model.rope_scaling == scaling
+    assert TransformerConfig(rope_scaling={"kind": "linear", "factor": 2.0}).rope_scaling == (
+        RopeScaling("linear", 2.0)
+    )
+    with pytest.raises(ValueError, match="low_freq_factor < high_freq_factor"):
+        RopeScaling("llama3", 8.0, low_freq_factor=4.0, high_freq_factor=1.0)
+    with pytest.raises(ValueError, match="kind 'ntk'"):
+        RopeScaling("ntk")
 
 
 def test_from_hf_streams_onto_a_mesh(tmp_path):

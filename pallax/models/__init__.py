@@ -11,6 +11,7 @@ from pallax.models.generate import generate
 from pallax.models.hf import from_hf, to_hf
 from pallax.models.transformer import (
     Linear,
+    RopeScaling,
     Transformer,
     TransformerConfig,
     logical_shardings,
@@ -19,6 +20,7 @@ from pallax.models.transformer import (
 
 __all__ = [
     "Linear",
+    "RopeScaling",
     "Transformer",
     "TransformerConfig",
     "collect_linear_inputs",

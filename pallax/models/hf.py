@@ -18,7 +18,12 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from pallax.models.transformer import Transformer, TransformerConfig, logical_shardings
+from pallax.models.transformer import (
+    RopeScaling,
+    Transformer,
+    TransformerConfig,
+    logical_shardings,
+)
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
 
@@ -27,13 +32,11 @@ def config_from_hf(hf: dict) -> TransformerConfig:
     architectures = hf.get("architectures") or [None]
     if architectures[0] not in SUPPORTED:
         raise ValueError(f"unsupported architecture {architectures[0]!r}; expected {SUPPORTED}")
-    if hf.get("rope_scaling"):
-        raise ValueError(f"rope_scaling {hf['rope_scaling']!r} is not supported yet")
     window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-    rope_parameters = hf.get("rope_parameters") or {}  # transformers >= 5 nests RoPE here
-    if rope_parameters.get("rope_type", "default") != "default":
-        raise ValueError(f"rope_type {rope_parameters['rope_type']!r} is not supported yet")
-    rope_theta = hf.get("rope_theta", rope_parameters.get("rope_theta", 10000.0))
+    # transformers >= 5 nests RoPE settings in rope_parameters; older files
+    # have rope_theta at the top and rope_scaling (with "type" or "rope_type").
+    rope = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}
+    rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     return TransformerConfig(
         vocab_size=hf["vocab_size"],
         embed_dim=hf["hidden_size"],
@@ -43,10 +46,42 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         head_dim=hf.get("head_dim"),
         mlp_dim=hf["intermediate_size"],
         rope_theta=float(rope_theta),
+        rope_scaling=_rope_scaling_from_hf(rope),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         sliding_window=window,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
+
+
+def _rope_scaling_from_hf(rope: dict) -> RopeScaling | None:
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind == "linear":
+        return RopeScaling("linear", factor=float(rope["factor"]))
+    if kind == "llama3":
+        return RopeScaling(
+            "llama3",
+            factor=float(rope["factor"]),
+            low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_positions=int(rope["original_max_position_embeddings"]),
+        )
+    raise ValueError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def _rope_scaling_to_hf(scaling: RopeScaling | None) -> dict | None:
+    if scaling is None:
+        return None
+    if scaling.kind == "linear":
+        return {"rope_type": "linear", "factor": scaling.factor}
+    return {
+        "rope_type": "llama3",
+        "factor": scaling.factor,
+        "low_freq_factor": scaling.low_freq_factor,
+        "high_freq_factor": scaling.high_freq_factor,
+        "original_max_position_embeddings": scaling.original_max_positions,
+    }
 
 
 def config_to_hf(config: TransformerConfig) -> dict:
@@ -64,6 +99,7 @@ def config_to_hf(config: TransformerConfig) -> dict:
         "head_dim": config.dim_per_head,
         "intermediate_size": config.mlp_dim,
         "rope_theta": config.rope_theta,
+        "rope_scaling": _rope_scaling_to_hf(config.rope_scaling),
         "rms_norm_eps": config.norm_eps,
         "sliding_window": config.sliding_window,
         "tie_word_embeddings": config.tie_embeddings,

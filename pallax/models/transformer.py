@@ -28,6 +28,51 @@ from pallax.pallas_kernels import (
     split_sparse,
 )
 
+ROPE_SCALINGS = ("linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Long-context RoPE frequency scaling (Hugging Face ``rope_scaling``).
+
+    ``kind="linear"``: every frequency divided by ``factor`` (position
+    interpolation). ``kind="llama3"`` (Llama 3.1+): frequencies whose
+    wavelength exceeds ``original_max_positions / low_freq_factor`` are divided
+    by ``factor``, those shorter than ``original_max_positions /
+    high_freq_factor`` are kept, and the band between blends the two linearly
+    in ``original_max_positions / wavelength``.
+    """
+
+    kind: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ROPE_SCALINGS:
+            raise ValueError(f"rope scaling kind {self.kind!r} must be one of {ROPE_SCALINGS}")
+        if not self.factor > 0:
+            raise ValueError(f"rope scaling factor must be > 0, got {self.factor}")
+        if self.kind == "llama3" and not (
+            0 < self.low_freq_factor < self.high_freq_factor and self.original_max_positions > 0
+        ):
+            raise ValueError(
+                "llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor and "
+                f"original_max_positions > 0, got {self}"
+            )
+
+    def apply(self, freqs: jax.Array) -> jax.Array:
+        if self.kind == "linear":
+            return freqs / self.factor
+        wavelength = 2 * jnp.pi / freqs
+        low, high = self.low_freq_factor, self.high_freq_factor
+        blend = (self.original_max_positions / wavelength - low) / (high - low)
+        blended = (1 - blend) * freqs / self.factor + blend * freqs
+        long_wave = wavelength > self.original_max_positions / low
+        short_wave = wavelength < self.original_max_positions / high
+        return jnp.where(long_wave, freqs / self.factor, jnp.where(short_wave, freqs, blended))
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
@@ -47,6 +92,7 @@ class TransformerConfig:
     head_dim: int | None = None
     mlp_dim: int = 688
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # a dict of RopeScaling fields also works
     norm_eps: float = 1e-5
     sliding_window: int | None = None
     layer_windows: tuple[int | None, ...] | None = None
@@ -57,6 +103,8 @@ class TransformerConfig:
     remat: bool = False  # recompute each block's activations in the backward pass
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):  # from JSON / TOML configs
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}"
@@ -134,10 +182,12 @@ class RMSNorm(nnx.Module):
         return (normed * self.scale.get_value()).astype(x.dtype)
 
 
-def rope(x, positions, theta: float):
+def rope(x, positions, theta: float, scaling: RopeScaling | None = None):
     """Rotary embedding ("rotate half", as Llama): x ``[B, T, H, D]``, positions ``[B, T]``."""
     half = x.shape[-1] // 2
     freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if scaling is not None:
+        freqs = scaling.apply(freqs)
     angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, half]
     cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
@@ -159,7 +209,8 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(b, t, c.num_heads, c.dim_per_head)
         k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.dim_per_head)
         v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.dim_per_head)
-        return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta), v
+        q, k = (rope(x, positions, c.rope_theta, c.rope_scaling) for x in (q, k))
+        return q, k, v
 
     def __call__(self, x, positions):
         c = self.config
