@@ -128,10 +128,17 @@ def test_kernel_matches_scipy_in_interpret_mode(k, n, m, density, config):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("values_dtype", [jnp.float16, jnp.float32])
-def test_public_op_in_interpret_mode_with_other_dtypes_and_batch_dims(values_dtype):
+@pytest.mark.parametrize(
+    "x_dtype, values_dtype",
+    [
+        (jnp.float16, jnp.float16),
+        (jnp.bfloat16, jnp.float32),
+        (jnp.float16, jnp.bfloat16),
+        (jnp.bfloat16, jnp.float16),
+    ],
+)
+def test_public_op_in_interpret_mode_with_other_dtypes_and_batch_dims(x_dtype, values_dtype):
     w = imbalanced_weight(128, 96, 0.2, dtype=values_dtype)
-    x_dtype = jnp.float16 if values_dtype == jnp.float16 else jnp.bfloat16
     x = jnp.asarray(rand((2, 3, 128), seed=2), x_dtype)
     with testing.gpu_interpret():
         got = sparse_matmul(x, w, implementation="mosaic")
@@ -208,6 +215,24 @@ def test_kernel_lowers_for_cuda(m, k, n, values_dtype, density):
     grad = jax.value_and_grad(lambda x, w: run(x, w).astype(jnp.float32).sum())
     exported = testing.lower_for_cuda(grad, x, w)
     assert "mosaic_gpu" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("values_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("density", [0.3, 0.1])
+def test_every_dtype_pair_lowers_for_cuda(x_dtype, values_dtype, density):
+    """The decode converts values to x's dtype (bf16 <-> fp16 through fp32)."""
+    k, n = 512, 256
+    w = SparseWeight(
+        values=jax.ShapeDtypeStruct((int(density * k * n),), values_dtype),
+        bitmap=jax.ShapeDtypeStruct((n // 64, k // 64, 128), jnp.uint32),
+        tile_offsets=jax.ShapeDtypeStruct((n // 64, k // 64, 4), jnp.int32),
+        in_features=k,
+        out_features=n,
+    )
+    x = jax.ShapeDtypeStruct((16, k), x_dtype)
+    run = functools.partial(sparse_matmul, implementation="mosaic")
+    assert "mosaic_gpu" in testing.lower_for_cuda(run, x, w).mlir_module()
 
 
 def test_gpu_self_check_passes_in_interpret_mode():

@@ -227,7 +227,7 @@ def _mlir_decode(ctx, words_ref, ring_ref, staging_ref, warp_starts, *, strategy
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     del ctx
-    i32 = ir.IntegerType.get_signless(32)
+    i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
     index = ir.IndexType.get()
 
     def const(v):
@@ -311,7 +311,9 @@ def _mlir_decode(ctx, words_ref, ring_ref, staging_ref, warp_starts, *, strategy
         @staticmethod
         def load_ring(i):
             value = memref.load(ring_ref, at(i))
-            if ring_type != out_type:
+            if ring_type != out_type:  # bf16 <-> fp16 goes through fp32
+                if ring_type != f32:
+                    value = arith.extf(f32, value)
                 value = arith.truncf(out_type, value)
             return value
 
