@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse
 
 from pallax import testing
-from pallax.pallas_kernels import SparseWeight, sparse_matmul, sparsify
+from pallax.pallas_kernels import SparseWeight, sparse_matmul, sparsify, split_sparse
 from pallax.pallas_kernels import sparse_matmul_mgpu as sm
 from pallax.pallas_kernels.sparse import _tile_major
 
@@ -257,3 +257,32 @@ def test_gpu_self_check_rejects_a_wrong_decode(monkeypatch):
     with testing.gpu_interpret(), pytest.warns(UserWarning, match="bits decode"):
         assert not sparse._mosaic_self_check.__wrapped__()
     jax.clear_caches()
+
+
+def unequal_tensor_shards():
+    """Two column shards, one dense and one 95% sparse: the sparse shard's
+    values carry ~15k zeros of padding (60 ring chunks) past its last tile."""
+    rng = np.random.default_rng(7)
+    dense = rand((128, 256), seed=7)
+    dense[:, 128:] *= rng.random((128, 128)) < 0.05
+    return dense, split_sparse(SparseWeight.from_dense(dense.astype(jnp.bfloat16)), 2, "out")
+
+
+def test_offsets_table_ends_at_the_last_nonzero_not_the_padding():
+    dense, shards = unequal_tensor_shards()
+    sparse_shard = jax.tree.map(lambda a: a[1], shards.stacked)
+    table = np.asarray(sm.offsets_table(sparse_shard))
+    assert table.shape == (sparse_shard.bitmap.shape[0] * sparse_shard.bitmap.shape[1] + 1, 4)
+    true_nnz = int(np.count_nonzero(dense[:, 128:].astype(jnp.bfloat16)))
+    assert sparse_shard.values.shape[0] - true_nnz > 60 * sm.CHUNK
+    assert (table[-1] == true_nnz).all()
+
+
+def test_kernel_on_a_padded_tensor_parallel_shard():
+    dense, shards = unequal_tensor_shards()
+    x = jnp.asarray(rand((4, 128), seed=8), jnp.bfloat16)
+    expected = np.asarray(x, np.float32) @ dense.astype(jnp.bfloat16).astype(np.float32)
+    for i, cols in enumerate((slice(0, 128), slice(128, 256))):
+        shard = jax.tree.map(lambda a, i=i: a[i], shards.stacked)
+        got = interpret_matmul(x, shard)[:, :128]
+        np.testing.assert_allclose(got, expected[:, cols], rtol=1e-5, atol=1e-4)

@@ -388,8 +388,6 @@ def _kernel(
     *,
     tiles_per_split: int,
     k_tiles: int,
-    total_tiles: int,
-    nnz_end: int,
     block_m: int,
     num_slots: int,
     interpret: bool,
@@ -406,9 +404,8 @@ def _kernel(
     def start_of(step):
         return table_smem[step - lo, 0]
 
-    def end_of(step):  # The next tile's start; the weight's last tile ends at nnz.
-        last = first_tile + (step - lo) == total_tiles - 1
-        return jnp.where(last, nnz_end, table_smem[step - lo + 1, 0])
+    def end_of(step):  # The next tile's start (past the last tile: its end).
+        return table_smem[step - lo + 1, 0]
 
     @pl.when(wg == 1)
     def _memory():
@@ -542,6 +539,18 @@ def _kernel(
         plgpu.wait_smem_to_gmem(0)
 
 
+def offsets_table(w) -> jax.Array:
+    """int32 ``[tiles + 1, 4]``: each tile's quarter offsets (tile-major), then
+    a row holding the last tile's end. That end is not ``len(values)``: values
+    may be zero-padded past it (tensor-parallel shards share one padded
+    length), and fetching the padding as part of the last tile could overrun
+    the values ring."""
+    last_count = jnp.sum(lax.population_count(w.bitmap[-1, -1]).astype(jnp.int32))
+    end = w.tile_offsets[-1, -1, 0] + last_count
+    tiles = w.tile_offsets.reshape(-1, 4)
+    return jnp.concatenate([tiles, jnp.broadcast_to(end, (1, 4)).astype(jnp.int32)])
+
+
 def matmul(x, w, *, config: SpmmConfig | None = None):
     """x ``[M, Kp]`` (bf16/fp16) @ sparse ``w`` -> fp32 ``[M, Np]``."""
     config = config or SpmmConfig()
@@ -553,25 +562,23 @@ def matmul(x, w, *, config: SpmmConfig | None = None):
     mp = -(-m // block_m) * block_m
     x = jnp.pad(x, ((0, mp - m), (0, 0)))
     values = w.values
-    nnz_end = int(values.shape[0])
+    density = values.shape[0] / (n_tiles * k_tiles * TILE * TILE)
     if values.shape[0] < CHUNK:  # A TMA box may not exceed its array.
         values = jnp.pad(values, (0, CHUNK - values.shape[0]))
     splits = config.splits_for(n_tiles * (mp // block_m), k_tiles)
     tiles_per_split = cdiv(k_tiles, splits)
     splits = cdiv(k_tiles, tiles_per_split)
-    # The last CTA's table copy reads past the end: TMA zero-fills it (unused).
-    offsets = w.tile_offsets.reshape(n_tiles * k_tiles, 4)
+    # A short last split's table copy reads past the end: TMA zero-fills it (unused).
+    offsets = offsets_table(w)
     num_slots = config.max_concurrent_steps
     kernel = functools.partial(
         _kernel,
         tiles_per_split=tiles_per_split,
         k_tiles=k_tiles,
-        total_tiles=n_tiles * k_tiles,
-        nnz_end=nnz_end,
         block_m=block_m,
         num_slots=num_slots,
         interpret=_mgpu.interpreting(),
-        decode_strategy=config.decode_for(nnz_end / (n_tiles * k_tiles * TILE * TILE)),
+        decode_strategy=config.decode_for(density),
     )
     loaded, consumed = _mgpu.ring_barriers(num_slots, 2, 1)
     partials = plgpu.kernel(
