@@ -127,3 +127,37 @@ def test_preset_train_step_lowers_with_kernels(preset):
     text = exported.mlir_module()
     # Forward, dQ and dK/dV kernels for every layer.
     assert text.count("mosaic_gpu") >= 3 * config.model.num_layers
+
+
+@pytest.mark.parametrize("split", ["out", "in"])
+@pytest.mark.parametrize("bits, act_bits", [(8, None), (4, None), (8, 8)])
+def test_tensor_parallel_quantized_layers_with_the_kernel_lower(split, bits, act_bits):
+    """Column / row-parallel quantized linears on a fsdp=2 x tensor=2 H100 mesh:
+    the kernel on each shard, forward and dx (typed like x inside shard_map)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from pallax import sharding as ps
+    from pallax.pallas_kernels import quantize
+
+    mesh = testing.h100_abstract_mesh({"data": 1, "fsdp": 2, "sequence": 1, "tensor": 2})
+    out_axis, in_axis = ("tensor", "fsdp") if split == "out" else ("fsdp", "tensor")
+    qw = jax.eval_shape(
+        functools.partial(quantize, bits=bits, group_size=128),
+        jax.ShapeDtypeStruct((1024, 1536), jnp.float32),
+    )
+    qw = jax.tree.map(
+        lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec)),
+        qw,
+        qw.partition_specs(out_axis, in_axis),
+    )
+    x_spec = P() if split == "out" else P(None, None, "tensor")
+    x = jax.ShapeDtypeStruct((2, 8, 1024), jnp.bfloat16, sharding=NamedSharding(mesh, x_spec))
+    layer = ps.column_parallel if split == "out" else ps.row_parallel
+
+    def loss(x, qw):
+        y = layer(x, qw, mesh=mesh, act_bits=act_bits, implementation="mosaic")
+        return y.astype(jnp.float32).sum()
+
+    exported = testing.lower_for_cuda(jax.value_and_grad(loss), x, qw, mesh=mesh)
+    assert "mosaic_gpu" in exported.mlir_module()

@@ -259,11 +259,24 @@ def test_quantized_tp_fsdp_mlp_matches_unsharded(act_bits):
         row = functools.partial(ps.row_parallel, act_bits=act_bits)
         got = jax.jit(lambda x, u, d: mlp(x, u, d, ps.column_parallel, row))(xs, up, down)
         assert up.values.addressable_shards[0].data.nbytes == up.values.nbytes // 4
+        # Frozen quantized weights still pass gradients to their inputs (e.g.
+        # to train norms): dx is summed over the tensor shards.
+        dx = jax.jit(jax.grad(lambda x: jnp.sum(mlp(x, up, down, ps.column_parallel, row) ** 2)))(
+            xs
+        )
     assert got.shape == (8, 16, 200)
     if act_bits is None:
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4, rtol=1e-4)
     scale = float(jnp.abs(dense).max())
     np.testing.assert_allclose(np.asarray(got), np.asarray(dense), atol=0.02 * scale)
+    ref_dx = jax.grad(
+        lambda x: jnp.sum(
+            mlp(x, w_up, w_down, plain, functools.partial(plain, act_bits=act_bits)) ** 2
+        )
+    )(x)
+    dx_scale = float(jnp.abs(ref_dx).max())
+    tolerance = 1e-5 if act_bits is None else 0.05  # W8A8: per-shard token scales
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(ref_dx), atol=tolerance * dx_scale)
 
 
 def test_sparse_tp_mlp_matches_unsharded_and_trains_values_only():

@@ -1,5 +1,6 @@
 """The Mosaic GPU sparse matmul: its decode, in GPU interpret mode, and lowered for CUDA."""
 
+import dataclasses
 import functools
 
 import jax
@@ -286,3 +287,34 @@ def test_kernel_on_a_padded_tensor_parallel_shard():
         shard = jax.tree.map(lambda a, i=i: a[i], shards.stacked)
         got = interpret_matmul(x, shard)[:, :128]
         np.testing.assert_allclose(got, expected[:, cols], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("split", ["out", "in"])
+def test_tensor_parallel_sparse_layers_with_the_kernel_lower_for_cuda(split):
+    """Column / row-parallel sparse linears run the kernel on each device's shard
+    inside shard_map; forward and gradients (x and values) lower for 2 H100s."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from pallax import sharding as ps
+
+    mesh = testing.h100_abstract_mesh({"data": 1, "fsdp": 1, "sequence": 1, "tensor": 2})
+    w = sparsify(rand((512, 768)), 0.7)
+    shards = split_sparse(w.with_values(w.values.astype(jnp.bfloat16)), 2, split)
+    abstract_shards = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P("tensor"))),
+        shards,
+    )
+    x_spec = P() if split == "out" else P(None, None, "tensor")
+    x = jax.ShapeDtypeStruct((2, 8, 512), jnp.bfloat16, sharding=NamedSharding(mesh, x_spec))
+    layer = ps.column_parallel if split == "out" else ps.row_parallel
+
+    def loss(x, values, shards):
+        shards = dataclasses.replace(shards, stacked=shards.stacked.with_values(values))
+        y = layer(x, shards, mesh=mesh, implementation="mosaic")
+        return y.astype(jnp.float32).sum()
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1))  # value: keep the forward kernel
+    values = abstract_shards.stacked.values
+    exported = testing.lower_for_cuda(grad, x, values, abstract_shards, mesh=mesh)
+    assert "mosaic_gpu" in exported.mlir_module()

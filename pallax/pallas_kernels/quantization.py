@@ -31,7 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallax.pallas_kernels import quantized_matmul_mgpu as mgpu
-from pallax.pallas_kernels._dispatch import Implementation, choose_implementation
+from pallax.pallas_kernels._dispatch import (
+    Implementation,
+    choose_implementation,
+    cotangent_like,
+)
 
 PACK_BLOCK = 128  # K padding and int4 pack block; also the kernels' K tile.
 
@@ -277,7 +281,9 @@ def _bwd(act_bits, implementation, config, residuals, dy):
             return np.zeros(a.shape, jax.dtypes.float0)
         return jnp.zeros_like(a)
 
-    return dx, jax.tree.map(zero_cotangent, qw)
+    # Inside shard_map (tensor parallelism) dx is typed like x: summed over
+    # the axes the weight is split on, where x is shared.
+    return cotangent_like(dx, x), jax.tree.map(zero_cotangent, qw)
 
 
 _quantized_matmul.defvjp(_fwd, _bwd)
