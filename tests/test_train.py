@@ -141,6 +141,27 @@ def test_sharded_training_matches_single_device():
     np.testing.assert_allclose([r["loss"] for r in history], [r["loss"] for r in single], rtol=2e-3)
 
 
+@pytest.mark.parametrize(
+    "convert",
+    [lambda m: sparsify_model(m, 0.7), lambda m: quantize_model(m, 8, act_bits=8)],
+    ids=["sparse70", "w8a8"],
+)
+def test_converted_models_train_sharded_like_on_one_device(convert):
+    """Sparse values and the layers around frozen quantized weights train on
+    data=2 x fsdp=2 x tensor=2 as on one device (gradients cross the
+    tensor-parallel sparse / quantized linears)."""
+    model = dict(SMALL_MODEL, embed_dim=256, mlp_dim=512)  # 128-input groups split 2 ways
+    config = small_config(steps=2, eval_every=0, log_every=1, model=model)
+    base = Transformer(config.model, rngs=nnx.Rngs(0))
+    convert(base)
+    single = Trainer(config, model=nnx.clone(base), mesh=single_device_mesh(), progress=False)
+    sharded = Trainer(
+        config.replace(mesh="data=2,fsdp=2,tensor=2"), model=nnx.clone(base), progress=False
+    )
+    expected = [r["loss"] for r in single.fit()]
+    np.testing.assert_allclose([r["loss"] for r in sharded.fit()], expected, rtol=1e-3)
+
+
 def test_sparse_finetuning_keeps_the_mask():
     model = Transformer(from_dict({"model": SMALL_MODEL}).model, rngs=nnx.Rngs(0))
     sparsify_model(model, 0.7)
