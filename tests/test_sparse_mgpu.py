@@ -72,6 +72,13 @@ def test_swizzled_offsets_are_a_permutation_of_16_byte_chunks():
     assert sm.swizzled_offset(9, 70, 128) == sm.swizzled_offset(9, 64, 128) + 6
 
 
+def test_configs_that_overflow_shared_memory_are_rejected_up_front():
+    w = imbalanced_weight(256, 128, 0.3, dtype=jnp.float32)
+    x = jnp.zeros((256, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"block_m=256, max_concurrent_steps=4.*float32"):
+        sm.matmul(x, w, config=sm.SpmmConfig(block_m=256))
+
+
 @pytest.mark.parametrize(
     "density, expected", [(0.05, "bits"), (0.25, "bits"), (0.3, "dense"), (1.0, "dense")]
 )

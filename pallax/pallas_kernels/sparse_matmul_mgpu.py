@@ -52,6 +52,7 @@ CHUNK = 256  # values per TMA copy (the TMA box limit)
 RING_CHUNKS = 32  # a tile's <= 4096 nonzeros span <= 17 chunks
 RING = CHUNK * RING_CHUNKS  # values ring size, a power of two (index wrap by mask)
 WARP = 32
+SMEM_BYTES = 227 * 1024  # per block on sm_90
 # Decode strategies. "dense" visits all 32 bits of a thread's word (~9
 # instructions each, 32 independent loads in flight). "bits" zeroes the row
 # and visits only the set bits, BITS_UNROLL at a time (their loads issued
@@ -580,6 +581,19 @@ def matmul(x, w, *, config: SpmmConfig | None = None):
         interpret=_mgpu.interpreting(),
         decode_strategy=config.decode_for(density),
     )
+    smem = (
+        num_slots * (block_m * TILE * x.dtype.itemsize + WORDS * 4)
+        + RING * values.dtype.itemsize
+        + TILE * TILE * x.dtype.itemsize
+        + (tiles_per_split + 1) * 16
+        + TILE * block_m * 4
+    )
+    if smem > SMEM_BYTES:
+        raise ValueError(
+            f"SpmmConfig(block_m={block_m}, max_concurrent_steps={num_slots}) with "
+            f"{values.dtype} values needs ~{smem // 1024} KiB of shared memory, more than "
+            f"the {SMEM_BYTES // 1024} KiB of an H100: lower block_m or max_concurrent_steps"
+        )
     loaded, consumed = _mgpu.ring_barriers(num_slots, 2, 1)
     partials = plgpu.kernel(
         kernel,
