@@ -142,24 +142,39 @@ def test_sharded_training_matches_single_device():
 
 
 @pytest.mark.parametrize(
-    "convert",
-    [lambda m: sparsify_model(m, 0.7), lambda m: quantize_model(m, 8, act_bits=8)],
-    ids=["sparse70", "w8a8"],
+    "variant, mesh",
+    [
+        ("sparse70", "data=2,fsdp=2,tensor=2"),
+        ("sparse70", "data=2,fsdp=4"),  # ZeRO-3 values without tensor parallelism
+        ("w8a8", "data=2,fsdp=2,tensor=2"),
+    ],
 )
-def test_converted_models_train_sharded_like_on_one_device(convert):
-    """Sparse values and the layers around frozen quantized weights train on
-    data=2 x fsdp=2 x tensor=2 as on one device (gradients cross the
-    tensor-parallel sparse / quantized linears)."""
+def test_converted_models_train_sharded_like_on_one_device(variant, mesh):
+    """Sparse values and the layers around frozen quantized weights train on a
+    mesh as on one device (gradients cross the tensor-parallel sparse /
+    quantized linears); sparse values and their Adam moments are split over
+    tensor x fsdp."""
     model = dict(SMALL_MODEL, embed_dim=256, mlp_dim=512)  # 128-input groups split 2 ways
     config = small_config(steps=2, eval_every=0, log_every=1, model=model)
     base = Transformer(config.model, rngs=nnx.Rngs(0))
-    convert(base)
+    if variant == "sparse70":
+        sparsify_model(base, 0.7)
+    else:
+        quantize_model(base, 8, act_bits=8)
     single = Trainer(config, model=nnx.clone(base), mesh=single_device_mesh(), progress=False)
-    sharded = Trainer(
-        config.replace(mesh="data=2,fsdp=2,tensor=2"), model=nnx.clone(base), progress=False
-    )
+    sharded = Trainer(config.replace(mesh=mesh), model=nnx.clone(base), progress=False)
     expected = [r["loss"] for r in single.fit()]
     np.testing.assert_allclose([r["loss"] for r in sharded.fit()], expected, rtol=1e-3)
+    if variant == "sparse70":
+        values = sharded.model.blocks[0].mlp.up_proj.kernel.get_value().stacked.values
+        moments = [
+            leaf
+            for leaf in jax.tree.leaves(sharded.opt_state)
+            if getattr(leaf, "shape", None) == values.shape
+        ]
+        assert moments  # Adam's mu and nu (of this and any same-shaped layer)
+        for array in (values, *moments):
+            assert array.addressable_shards[0].data.nbytes * 4 == array.nbytes
 
 
 def test_sparse_finetuning_keeps_the_mask():

@@ -27,6 +27,7 @@ from pallax.pallas_kernels import (
     linear,
     split_sparse,
 )
+from pallax.pallas_kernels.sparse import SparseShards
 
 ROPE_SCALINGS = ("linear", "llama3")
 
@@ -165,7 +166,8 @@ class Linear(nnx.Module):
             _captured_inputs.setdefault(id(self), []).append(x)
         w = self.kernel.get_value()
         mesh = jax.sharding.get_abstract_mesh()
-        if not mesh.empty and mesh.shape.get(ps.TENSOR, 1) > 1:
+        split = mesh.shape.get(ps.TENSOR, 1) > 1 or isinstance(w, SparseShards)
+        if not mesh.empty and split:
             wrapper = ps.column_parallel if self.parallel == "column" else ps.row_parallel
             return wrapper(x, w, act_bits=self.act_bits)
         return linear(x, w, act_bits=self.act_bits)
@@ -341,9 +343,10 @@ def shard_model(model: nnx.Module, mesh) -> nnx.Module:
 
     Quantized linears are split like their dense counterparts (column-parallel:
     out over ``tensor``, in over ``fsdp``; row-parallel the other way); sparse
-    linears are repacked per tensor shard (``split_sparse``).
+    linears are repacked per tensor shard (``split_sparse``), their values
+    split over ``fsdp`` and gathered per layer (ZeRO-3), as dense weights are.
     """
-    tensor = mesh.shape[ps.TENSOR]
+    tensor, fsdp = mesh.shape[ps.TENSOR], mesh.shape[ps.FSDP]
     for path, layer in nnx.iter_modules(model):
         if not isinstance(layer, Linear):
             continue
@@ -363,9 +366,12 @@ def shard_model(model: nnx.Module, mesh) -> nnx.Module:
             layer.kernel.set_value(
                 jax.device_put(w, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
             )
-        elif isinstance(w, SparseWeight) and tensor > 1:
-            shards = split_sparse(w, tensor, "out" if column else "in")
-            layer.kernel.set_value(jax.device_put(shards, NamedSharding(mesh, P(ps.TENSOR))))
+        elif isinstance(w, SparseWeight) and (tensor > 1 or fsdp > 1):
+            shards = split_sparse(w, tensor, "out" if column else "in", values_multiple=fsdp)
+            specs = ps.sparse_specs(shards, fsdp)
+            layer.kernel.set_value(
+                jax.device_put(shards, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+            )
     state = nnx.state(model)
     shardings = dict(nnx.to_flat_state(logical_shardings(model, mesh)))
     for path, variable in nnx.to_flat_state(state):

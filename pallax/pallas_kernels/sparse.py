@@ -239,9 +239,14 @@ class SparseShards:
         return dense[: self.in_features, : self.out_features]
 
 
-def split_sparse(w: SparseWeight, num_shards: int, split: str) -> SparseShards:
+def split_sparse(
+    w: SparseWeight, num_shards: int, split: str, *, values_multiple: int = 1
+) -> SparseShards:
     """Splits ``w`` into ``num_shards`` along ``"in"`` (row-parallel) or ``"out"``
-    (column-parallel) features, each slice a multiple of the 64-wide tile. Not jittable."""
+    (column-parallel) features, each slice a multiple of the 64-wide tile. Not jittable.
+
+    Each shard's values are zero-padded to a common length, rounded up to
+    ``values_multiple`` (the fsdp size, so the values can be split over it)."""
     if split not in ("in", "out"):
         raise ValueError(f"split must be 'in' or 'out', got {split!r}")
     dense = np.asarray(w.todense())
@@ -251,7 +256,7 @@ def split_sparse(w: SparseWeight, num_shards: int, split: str) -> SparseShards:
     pad[axis] = (0, size - dense.shape[axis])
     parts = np.split(np.pad(dense, pad), num_shards, axis=axis)
     shards = [SparseWeight.from_dense(part) for part in parts]
-    max_nnz = max(1, max(shard.nnz for shard in shards))
+    max_nnz = _round_up(max(1, max(shard.nnz for shard in shards)), values_multiple)
     values = jnp.stack([jnp.pad(sh.values, (0, max_nnz - sh.nnz)) for sh in shards])
     stacked = SparseWeight(
         values=values,

@@ -11,7 +11,7 @@ from pallax.sharding.mesh import (
     make_mesh,
     parse_mesh_spec,
 )
-from pallax.sharding.parallel import attention, column_parallel, row_parallel
+from pallax.sharding.parallel import attention, column_parallel, row_parallel, sparse_specs
 from pallax.sharding.rules import (
     DEFAULT_RULES,
     axis_rules,
@@ -43,5 +43,6 @@ __all__ = [
     "row_parallel",
     "shard_as",
     "shard_params",
+    "sparse_specs",
     "validate_layout",
 ]

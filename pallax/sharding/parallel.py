@@ -22,6 +22,7 @@ Sequence-parallel attention, three ways:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -52,7 +53,17 @@ def _gather_fsdp(w, axis: int | None, mesh):
     return jax.tree.map(lambda leaf: lax.all_gather(leaf, FSDP, axis=axis, tiled=True), w)
 
 
-def _linear_parts(w, out_axis, in_axis):
+def sparse_specs(w: SparseShards, fsdp: int) -> SparseShards:
+    """Partition specs of :class:`SparseShards`: every leaf's shard dim over
+    ``tensor``; the values (the bulk of the bytes) also over ``fsdp`` (ZeRO-3)
+    when their padded length divides, else replicated over it."""
+    split_values = fsdp > 1 and w.stacked.values.shape[1] % fsdp == 0
+    specs = jax.tree.map(lambda _: P(TENSOR), w)
+    values = P(TENSOR, FSDP) if split_values else P(TENSOR)
+    return dataclasses.replace(specs, stacked=dataclasses.replace(specs.stacked, values=values))
+
+
+def _linear_parts(w, out_axis, in_axis, mesh):
     """(weight spec, in-dim axis of the stored layout, local matmul, padded dims) for ``w``.
 
     All run :func:`pallax.pallas_kernels.linear` locally. Dense weights are
@@ -72,11 +83,17 @@ def _linear_parts(w, out_axis, in_axis):
         num = local.values.shape[0]
         padded = (k_local * num, n_local) if w.split == "in" else (k_local, n_local * num)
 
-        def sparse_local(x, shard, **kwargs):
-            return linear(x, shard.local(), **kwargs)
+        specs = sparse_specs(w, mesh.shape[FSDP])
+        gather = specs.stacked.values == P(TENSOR, FSDP)
 
-        # Sparse shards are replicated over fsdp (no ZeRO-3 gather): in_dim=None.
-        return jax.tree.map(lambda _: P(TENSOR), w), None, sparse_local, padded
+        def sparse_local(x, shard, **kwargs):
+            local = shard.local()
+            if gather:  # ZeRO-3: the values come back whole for the product
+                values = lax.all_gather(local.values, FSDP, tiled=True)
+                local = dataclasses.replace(local, values=values)
+            return linear(x, local, **kwargs)
+
+        return specs, None, sparse_local, padded
     if isinstance(w, QuantizedWeight):
 
         def matmul(x, w_local, **kwargs):
@@ -107,7 +124,7 @@ def column_parallel(x, w, *, mesh=None, **matmul_kwargs):
     matmul (e.g. ``act_bits=8``).
     """
     mesh = _mesh(mesh)
-    w_spec, in_dim, matmul, (k_padded, n_padded) = _linear_parts(w, TENSOR, FSDP)
+    w_spec, in_dim, matmul, (k_padded, n_padded) = _linear_parts(w, TENSOR, FSDP, mesh)
     out_features = w.shape[1]
 
     def local(x, w):
@@ -131,7 +148,7 @@ def row_parallel(x, w, *, mesh=None, **matmul_kwargs):
     ``split_sparse(w, tensor, "in")`` with its leading dim over ``tensor``.
     """
     mesh = _mesh(mesh)
-    w_spec, in_dim, matmul, (k_padded, n_padded) = _linear_parts(w, FSDP, TENSOR)
+    w_spec, in_dim, matmul, (k_padded, n_padded) = _linear_parts(w, FSDP, TENSOR, mesh)
     out_features = w.shape[1]
 
     def local(x, w):
