@@ -299,18 +299,21 @@ def test_kernel_on_a_padded_tensor_parallel_shard():
 @pytest.mark.parametrize("split", ["out", "in"])
 def test_tensor_parallel_sparse_layers_with_the_kernel_lower_for_cuda(split):
     """Column / row-parallel sparse linears run the kernel on each device's shard
-    inside shard_map; forward and gradients (x and values) lower for 2 H100s."""
+    inside shard_map (values gathered over fsdp); forward and gradients (x and
+    values) lower for fsdp=2 x tensor=2 H100s."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     from pallax import sharding as ps
 
-    mesh = testing.h100_abstract_mesh({"data": 1, "fsdp": 1, "sequence": 1, "tensor": 2})
+    mesh = testing.h100_abstract_mesh({"data": 1, "fsdp": 2, "sequence": 1, "tensor": 2})
     w = sparsify(rand((512, 768)), 0.7)
-    shards = split_sparse(w.with_values(w.values.astype(jnp.bfloat16)), 2, split)
+    w = w.with_values(w.values.astype(jnp.bfloat16))
+    shards = split_sparse(w, 2, split, values_multiple=2)  # values over fsdp too
     abstract_shards = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P("tensor"))),
+        lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec)),
         shards,
+        ps.sparse_specs(shards, 2),
     )
     x_spec = P() if split == "out" else P(None, None, "tensor")
     x = jax.ShapeDtypeStruct((2, 8, 512), jnp.bfloat16, sharding=NamedSharding(mesh, x_spec))
