@@ -136,3 +136,21 @@ def test_corrupt_formats_and_bad_inputs_raise():
         sparse_matmul(jnp.ones((2, 128)), w, implementation="mosaic")
     with pytest.raises(ValueError, match="implementation must be"):
         sparse_matmul(jnp.ones((2, 128)), w, implementation="triton")
+
+
+@pytest.mark.parametrize("split", ["in", "out"])
+def test_split_and_merge_round_trip_keeping_zero_valued_nonzeros(split):
+    from pallax.pallas_kernels import split_sparse
+
+    w = sparsify(np.random.default_rng(3).standard_normal((200, 130)).astype(np.float32), 0.6)
+    values = np.asarray(w.values).copy()
+    values[::7] = 0.0  # trained to exactly zero: still part of the fixed mask
+    w = w.with_values(jnp.asarray(values))
+    shards = split_sparse(w, 3, split, values_multiple=4)
+    assert shards.stacked.values.shape[1] % 4 == 0
+    merged = shards.merge()
+    np.testing.assert_array_equal(np.asarray(merged.mask()), np.asarray(w.mask()))
+    np.testing.assert_array_equal(np.asarray(merged.values), np.asarray(w.values))
+    np.testing.assert_array_equal(np.asarray(merged.bitmap), np.asarray(w.bitmap))
+    with pytest.raises(ValueError, match=r"mask shape \(2, 2\) != weight shape \(3, 2\)"):
+        SparseWeight.from_dense(np.ones((3, 2)), mask=np.ones((2, 2), bool))

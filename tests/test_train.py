@@ -468,3 +468,30 @@ def test_quickstart_notebook_executes(monkeypatch):
     text = "".join(o.get("text", "") for o in outputs)
     assert "max |pallax - jax.nn|" in text and "W4A16" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss plot
+
+
+def test_tensor_parallel_sparse_checkpoint_loads_on_any_mesh(tmp_path):
+    """A run on data=2 x fsdp=2 x tensor=2 saves per-shard sparse packs; they load
+    on one device (merged), on tensor=2 and on the run's own mesh."""
+    config = small_config(steps=2, eval_every=0, checkpoint_every=2)
+    model = Transformer(config.model, rngs=nnx.Rngs(0))
+    sparsify_model(model, 0.7)
+    trainer = Trainer(
+        config.replace(mesh="data=2,fsdp=2,tensor=2"),
+        model=model,
+        output_dir=tmp_path,
+        progress=False,
+    )
+    trainer.fit()
+    trainer.close()
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 16)), jnp.int32)
+    with jax.set_mesh(trainer.mesh):
+        expected = np.asarray(trainer.model(tokens), np.float32)
+    single, _ = load_model(tmp_path / "checkpoints")
+    assert isinstance(single.blocks[0].mlp.up_proj.kernel.get_value(), SparseWeight)
+    np.testing.assert_allclose(np.asarray(single(tokens), np.float32), expected, atol=2e-2)
+    for mesh in (ps.make_mesh(tensor=2, devices=jax.devices()[:2]), trainer.mesh):
+        loaded, _ = load_model(tmp_path / "checkpoints", mesh=mesh)
+        with jax.set_mesh(mesh):
+            got = np.asarray(loaded(tokens), np.float32)
+        np.testing.assert_allclose(got, expected, atol=2e-2)

@@ -366,12 +366,15 @@ def shard_model(model: nnx.Module, mesh) -> nnx.Module:
             layer.kernel.set_value(
                 jax.device_put(w, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
             )
-        elif isinstance(w, SparseWeight) and (tensor > 1 or fsdp > 1):
-            shards = split_sparse(w, tensor, "out" if column else "in", values_multiple=fsdp)
-            specs = ps.sparse_specs(shards, fsdp)
-            layer.kernel.set_value(
-                jax.device_put(shards, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
-            )
+        elif isinstance(w, SparseWeight | SparseShards):
+            if isinstance(w, SparseShards) and w.stacked.values.shape[0] != tensor:
+                w = w.merge()  # packed for another tensor size: re-split below
+            if isinstance(w, SparseWeight) and (tensor > 1 or fsdp > 1):
+                w = split_sparse(w, tensor, "out" if column else "in", values_multiple=fsdp)
+            if isinstance(w, SparseShards):
+                specs = ps.sparse_specs(w, fsdp)
+                w = jax.device_put(w, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+            layer.kernel.set_value(w)
     state = nnx.state(model)
     shardings = dict(nnx.to_flat_state(logical_shardings(model, mesh)))
     for path, variable in nnx.to_flat_state(state):

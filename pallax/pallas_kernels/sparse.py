@@ -122,16 +122,23 @@ class SparseWeight:
         return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(self))
 
     @classmethod
-    def from_dense(cls, w) -> SparseWeight:
-        """Packs an already pruned ``[in, out]`` matrix (zeros are dropped). Not jittable."""
+    def from_dense(cls, w, mask=None) -> SparseWeight:
+        """Packs an already pruned ``[in, out]`` matrix: its nonzeros, or the
+        positions of ``mask`` (bool ``[in, out]``, which may hold zeros). Not jittable."""
         w = np.asarray(w)
         if w.ndim != 2:
             raise ValueError(f"expected a 2D [in_features, out_features] weight, got {w.shape}")
+        if mask is not None and np.shape(mask) != w.shape:
+            raise ValueError(f"mask shape {np.shape(mask)} != weight shape {w.shape}")
         k, n = w.shape
         kp, np_ = _round_up(max(k, 1), TILE_K), _round_up(max(n, 1), TILE_ROWS)
         w_t = np.zeros((np_, kp), w.dtype)
         w_t[:n, :k] = w.T
-        mask_t = w_t != 0
+        if mask is None:
+            mask_t = w_t != 0
+        else:
+            mask_t = np.zeros((np_, kp), bool)
+            mask_t[:n, :k] = np.asarray(mask, bool).T
         tiles_mask = _tile_major(mask_t)
         return cls(
             values=jnp.asarray(_tile_major(w_t)[tiles_mask]),
@@ -230,13 +237,25 @@ class SparseShards:
         """Inside ``shard_map``: this device's shard (leading dim of size 1)."""
         return jax.tree.map(lambda a: a[0], self.stacked)
 
-    def todense(self) -> jax.Array:
-        parts = [
-            jax.tree.map(lambda a, i=i: a[i], self.stacked).todense()
+    def _parts(self) -> list[SparseWeight]:
+        return [
+            jax.tree.map(lambda a, i=i: a[i], self.stacked)
             for i in range(self.stacked.values.shape[0])
         ]
-        dense = jnp.concatenate(parts, axis=0 if self.split == "in" else 1)
-        return dense[: self.in_features, : self.out_features]
+
+    def _join(self, arrays) -> jax.Array:
+        joined = jnp.concatenate(arrays, axis=0 if self.split == "in" else 1)
+        return joined[: self.in_features, : self.out_features]
+
+    def todense(self) -> jax.Array:
+        return self._join([part.todense() for part in self._parts()])
+
+    def merge(self) -> SparseWeight:
+        """The whole weight as one :class:`SparseWeight` (e.g. to re-split it for
+        another mesh), mask kept exactly. Not jittable."""
+        return SparseWeight.from_dense(
+            self.todense(), mask=self._join([part.mask() for part in self._parts()])
+        )
 
 
 def split_sparse(
@@ -249,13 +268,14 @@ def split_sparse(
     ``values_multiple`` (the fsdp size, so the values can be split over it)."""
     if split not in ("in", "out"):
         raise ValueError(f"split must be 'in' or 'out', got {split!r}")
-    dense = np.asarray(w.todense())
+    dense, mask = np.asarray(w.todense()), np.asarray(w.mask())
     axis = 0 if split == "in" else 1
     size = _round_up(dense.shape[axis], 64 * num_shards)
     pad = [(0, 0), (0, 0)]
     pad[axis] = (0, size - dense.shape[axis])
     parts = np.split(np.pad(dense, pad), num_shards, axis=axis)
-    shards = [SparseWeight.from_dense(part) for part in parts]
+    masks = np.split(np.pad(mask, pad), num_shards, axis=axis)  # zero values stay in it
+    shards = [SparseWeight.from_dense(p, mask=m) for p, m in zip(parts, masks, strict=True)]
     max_nnz = _round_up(max(1, max(shard.nnz for shard in shards)), values_multiple)
     values = jnp.stack([jnp.pad(sh.values, (0, max_nnz - sh.nnz)) for sh in shards])
     stacked = SparseWeight(

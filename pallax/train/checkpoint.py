@@ -202,4 +202,8 @@ def load_model(directory: str | Path, step: int | None = None, *, mesh=None):
     model = nnx.merge(graphdef, params)
     if mesh is not None and meta.get("weights"):
         shard_model(model, mesh)
+    elif mesh is None:  # tensor-parallel sparse shards: one weight again
+        for _, layer in linears(model):
+            if isinstance(layer.kernel.get_value(), SparseShards):
+                layer.kernel.set_value(layer.kernel.get_value().merge())
     return model, meta
