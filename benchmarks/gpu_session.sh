@@ -33,7 +33,7 @@ run() {  # run NAME SECONDS COMMAND...: one log per step, limit in seconds
 case $stage in
   check)
     run self_check 120 $PY -c 'from pallax.pallas_kernels import sparse; print(sparse._mosaic_self_check())'
-    run test_on_gpu 420 $PY -m pytest -q -x tests/test_on_gpu.py
+    run test_on_gpu 420 $PY -m pytest -q -rf tests/test_on_gpu.py
     ;;
   kernels)
     run spmm_llama 150 $PY -m benchmarks.spmm --models llama
