@@ -347,6 +347,10 @@ def shard_model(model: nnx.Module, mesh) -> nnx.Module:
     split over ``fsdp`` and gathered per layer (ZeRO-3), as dense weights are.
     """
     tensor, fsdp = mesh.shape[ps.TENSOR], mesh.shape[ps.FSDP]
+
+    def place(w, specs):
+        return jax.device_put(w, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+
     for path, layer in nnx.iter_modules(model):
         if not isinstance(layer, Linear):
             continue
@@ -362,18 +366,14 @@ def shard_model(model: nnx.Module, mesh) -> nnx.Module:
                     f"split {mesh.shape[out_axis]} x {mesh.shape[in_axis]} over "
                     f"({out_axis}, {in_axis}); use a smaller group_size or mesh"
                 )
-            specs = w.partition_specs(out_axis, in_axis)
-            layer.kernel.set_value(
-                jax.device_put(w, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
-            )
+            layer.kernel.set_value(place(w, w.partition_specs(out_axis, in_axis)))
         elif isinstance(w, SparseWeight | SparseShards):
             if isinstance(w, SparseShards) and w.stacked.values.shape[0] != tensor:
                 w = w.merge()  # packed for another tensor size: re-split below
             if isinstance(w, SparseWeight) and (tensor > 1 or fsdp > 1):
                 w = split_sparse(w, tensor, "out" if column else "in", values_multiple=fsdp)
             if isinstance(w, SparseShards):
-                specs = ps.sparse_specs(w, fsdp)
-                w = jax.device_put(w, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+                w = place(w, ps.sparse_specs(w, fsdp))
             layer.kernel.set_value(w)
     state = nnx.state(model)
     shardings = dict(nnx.to_flat_state(logical_shardings(model, mesh)))

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.experimental.pallas as pl
@@ -339,7 +340,7 @@ def _mlir_decode(ctx, words_ref, ring_ref, staging_ref, warp_starts, *, strategy
             return Reg(result.results[0])
 
     lane = thread & (WARP - 1)
-    word = Reg(memref.load(words_ref, [arith.index_cast(index, thread.value)]))
+    word = Reg(memref.load(words_ref, at(thread)))
     warp = thread >> 5
     starts = [Reg(s.registers.flat[0]) for s in warp_starts]  # splat scalars
     start = starts[0]
@@ -581,13 +582,17 @@ def matmul(x, w, *, config: SpmmConfig | None = None):
         interpret=_mgpu.interpreting(),
         decode_strategy=config.decode_for(density),
     )
-    smem = (
-        num_slots * (block_m * TILE * x.dtype.itemsize + WORDS * 4)
-        + RING * values.dtype.itemsize
-        + TILE * TILE * x.dtype.itemsize
-        + (tiles_per_split + 1) * 16
-        + TILE * block_m * 4
+    buffers = (
+        plgpu.SMEM(
+            (num_slots, block_m, TILE), x.dtype, transforms=_mgpu.smem_transforms(x.dtype, TILE)
+        ),
+        plgpu.SMEM((num_slots, WORDS), jnp.uint32),
+        plgpu.SMEM((RING_CHUNKS, CHUNK), values.dtype),
+        plgpu.SMEM((TILE, TILE), x.dtype, transforms=_mgpu.smem_transforms(x.dtype, TILE)),
+        plgpu.SMEM((tiles_per_split + 1, 4), jnp.int32),
+        plgpu.SMEM((TILE, block_m), jnp.float32),
     )
+    smem = sum(math.prod(b.shape) * jnp.dtype(b.dtype).itemsize for b in buffers)
     if smem > SMEM_BYTES:
         raise ValueError(
             f"SpmmConfig(block_m={block_m}, max_concurrent_steps={num_slots}) with "
@@ -599,14 +604,7 @@ def matmul(x, w, *, config: SpmmConfig | None = None):
         kernel,
         out_type=jax.ShapeDtypeStruct((splits, n_tiles * TILE, mp), jnp.float32),
         scratch_types=(
-            plgpu.SMEM(
-                (num_slots, block_m, TILE), x.dtype, transforms=_mgpu.smem_transforms(x.dtype, TILE)
-            ),
-            plgpu.SMEM((num_slots, WORDS), jnp.uint32),
-            plgpu.SMEM((RING_CHUNKS, CHUNK), values.dtype),
-            plgpu.SMEM((TILE, TILE), x.dtype, transforms=_mgpu.smem_transforms(x.dtype, TILE)),
-            plgpu.SMEM((tiles_per_split + 1, 4), jnp.int32),
-            plgpu.SMEM((TILE, block_m), jnp.float32),
+            *buffers,
             plgpu.Barrier(num_barriers=1),
             loaded,
             consumed,

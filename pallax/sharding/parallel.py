@@ -84,14 +84,12 @@ def _linear_parts(w, out_axis, in_axis, mesh):
         padded = (k_local * num, n_local) if w.split == "in" else (k_local, n_local * num)
 
         specs = sparse_specs(w, mesh.shape[FSDP])
-        gather = specs.stacked.values == P(TENSOR, FSDP)
+        values_axis = 0 if specs.stacked.values == P(TENSOR, FSDP) else None
 
         def sparse_local(x, shard, **kwargs):
-            local = shard.local()
-            if gather:  # ZeRO-3: the values come back whole for the product
-                values = lax.all_gather(local.values, FSDP, tiled=True)
-                local = dataclasses.replace(local, values=values)
-            return linear(x, local, **kwargs)
+            local = shard.local()  # ZeRO-3: its values come back whole for the product
+            values = _gather_fsdp(local.values, values_axis, mesh)
+            return linear(x, dataclasses.replace(local, values=values), **kwargs)
 
         return specs, None, sparse_local, padded
     if isinstance(w, QuantizedWeight):
