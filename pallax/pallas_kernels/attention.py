@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallax.pallas_kernels import attention_mgpu
+from pallax.pallas_kernels import _tuning, attention_mgpu
 from pallax.pallas_kernels._dispatch import Implementation, choose_implementation, cotangent_like
 from pallax.pallas_kernels.attention_mgpu import AttentionConfig, Window
 
@@ -212,6 +212,8 @@ def dot_product_attention(
     implementation = choose_implementation(implementation, mosaic_supports(query, key))
     if implementation == "xla":
         return attention_reference(query, key, value, scale=scale, left=left, right=right)
+    problem = _tuning.attention_key(head_dim, q_len, kv_len, left, right)
+    config = _tuning.resolve(config, "attention", AttentionConfig, problem)
     config = config or AttentionConfig.for_head_dim(head_dim)
     window = Window(left=left, right=right, q_len=q_len, kv_len=kv_len)
     return _mosaic_attention(query, key, value, scale, window, config)

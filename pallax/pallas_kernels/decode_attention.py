@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallax.pallas_kernels import _tuning
 from pallax.pallas_kernels import attention as attention_op
 from pallax.pallas_kernels import decode_attention_mgpu as mgpu
 from pallax.pallas_kernels._dispatch import choose_implementation
@@ -101,6 +102,8 @@ def decode_attention(
     if implementation == "xla":
         return decode_attention_reference(query, key_cache, value_cache, lengths, geometry, scale)
 
+    problem = _tuning.decode_key(head_dim, geometry.group, num_new, cache_len)
+    config = _tuning.resolve(config, "decode_attention", DecodeConfig, problem)
     config = config or DecodeConfig.for_head_dim(head_dim)
     group = geometry.group
     rows = num_new * group

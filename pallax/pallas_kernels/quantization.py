@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallax.pallas_kernels import _tuning
 from pallax.pallas_kernels import quantized_matmul_mgpu as mgpu
 from pallax.pallas_kernels._dispatch import (
     Implementation,
@@ -311,6 +312,11 @@ def quantized_matmul(
         else None
     )
     implementation = choose_implementation(implementation, unsupported)
+    if implementation == "mosaic":  # No config given: this device's tuned one, if any.
+        problem = _tuning.quantized_key(
+            x.size // max(x.shape[-1], 1), qw.in_features, qw.out_features, qw.bits, act_bits
+        )
+        config = _tuning.resolve(config, "quantized_matmul", mgpu.QuantMatmulConfig, problem)
     return _quantized_matmul(x, qw, act_bits, implementation, config)
 
 

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallax.pallas_kernels import _tuning
 from pallax.pallas_kernels import sparse_matmul_mgpu as sparse_mgpu
 from pallax.pallas_kernels._dispatch import choose_implementation, cotangent_like
 
@@ -478,4 +479,9 @@ def sparse_matmul(
     chosen = choose_implementation(implementation, mosaic_supports(x, w), mosaic_pays=memory_bound)
     if implementation is None and chosen == "mosaic" and not _mosaic_self_check():
         chosen = "xla"
+    if chosen == "mosaic":  # No config given: this device's tuned one, if any.
+        problem = _tuning.sparse_key(
+            int(np.prod(x.shape[:-1])), w.in_features, w.out_features, 1.0 - w.sparsity
+        )
+        config = _tuning.resolve(config, "sparse_matmul", sparse_mgpu.SpmmConfig, problem)
     return _sparse_matmul(x, w, chosen, config)
