@@ -551,8 +551,7 @@ def copies_for(bytes_per_copy: int, l2: int) -> int:
     """Weight copies that move >= 2x L2 per pass (capped in a dry run)."""
     from benchmarks.timing import rotation_copies
 
-    copies = rotation_copies(bytes_per_copy, l2)
-    return min(copies, DRY_MAX_COPIES) if dry_run() else copies
+    return rotation_copies(bytes_per_copy, l2, max_copies=DRY_MAX_COPIES if dry_run() else None)
 
 
 def _expected_impl() -> str:
@@ -588,6 +587,7 @@ def step_time_quant(rec: Recorder):
     import jax.numpy as jnp
 
     from benchmarks import timing
+    from benchmarks.quant_matmul import jax_mixed_matmul
     from benchmarks.weights import random_dense, random_quantized_weight, weight_copies
     from pallax.pallas_kernels import quantized_matmul
 
@@ -608,7 +608,7 @@ def step_time_quant(rec: Recorder):
         formats[bits] = copies_of(
             lambda kk, b=bits: random_quantized_weight(kk, k, n, b), timing.tree_nbytes(shape)
         )
-    mixed = _jax_mixed_matmul() if on_gpu() else None
+    mixed = jax_mixed_matmul() if on_gpu() else None
     int8_t = [q.values[:n, :k] for q in formats[8]]  # [N, K] int8, no scales
 
     def bf16(x, w):
@@ -661,37 +661,6 @@ def step_time_quant(rec: Recorder):
                 copies=len(weights),
             )
         rec.add(problem=f"quant {k}x{n} M={m}", m=m, k=k, n=n, times=times, l2_bytes=l2, **extra)
-
-
-def _jax_mixed_matmul():
-    """jax's hopper_mixed_type_matmul_mgpu (int8 x bf16, no scales) as
-    ``fn(x [M, K], w_t int8 [N, K])``: y^T = w_t @ x^T. Its warpgroups split
-    the weight's rows (wg_dimension=M), so x's M only needs padding to the
-    64-wide tile_n: M = 1..64 run as one 64-column tile."""
-    import jax
-    import jax.numpy as jnp
-
-    try:
-        from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as mixed
-    except ImportError:
-        return None
-    config = mixed.TuningConfig(
-        tile_m=128,
-        tile_n=64,
-        tile_k=128,
-        max_concurrent_steps=4,
-        epi_tile_n=64,
-        epi_tile_m=64,
-        wg_dimension=mixed.MatmulDimension.M,
-    )
-
-    def fn(x, w_t):
-        m = x.shape[0]
-        x_t = jnp.pad(x, ((0, -m % config.tile_n), (0, 0))).T
-        out = mixed.mixed_matmul_kernel(w_t, x_t, out_dtype=jnp.bfloat16, config=config)
-        return out[:, :m].T
-
-    return jax.jit(fn)
 
 
 def step_time_spmm(rec: Recorder):

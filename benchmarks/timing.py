@@ -68,11 +68,16 @@ def tree_nbytes(tree) -> int:
     )
 
 
-def rotation_copies(bytes_per_copy: int, l2: int, factor: int = ROTATION_FACTOR) -> int:
-    """Copies to cycle through so one pass moves at least ``factor`` x ``l2`` bytes."""
+def rotation_copies(
+    bytes_per_copy: int, l2: int, factor: int = ROTATION_FACTOR, max_copies: int | None = None
+) -> int:
+    """Copies to cycle through so one pass moves at least ``factor`` x ``l2`` bytes.
+
+    ``max_copies`` caps it for smoke runs on a CPU, where L2 is not the point."""
     if bytes_per_copy <= 0:
         raise ValueError(f"bytes_per_copy must be positive, got {bytes_per_copy}")
-    return max(2, -(-factor * l2 // bytes_per_copy))
+    copies = max(2, -(-factor * l2 // bytes_per_copy))
+    return min(copies, max_copies) if max_copies else copies
 
 
 # ----------------------------------------------------------------------------

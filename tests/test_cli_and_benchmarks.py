@@ -57,3 +57,18 @@ def test_train_benchmark_quick():
 
     rows = train.main(["--quick", "--steps", "1"])
     assert len(rows) == 3 and all(r[1] > 0 and r[2] > 0 for r in rows)
+
+
+def test_generation_prunes_the_bf16_model():
+    """Sparse variants store bf16 nonzeros (pruned after the cast), so they read
+    fewer bytes than dense bf16, as they do in a served model."""
+    from benchmarks import generation
+    from pallax.models.convert import linears
+    from pallax.pallas_kernels import SparseWeight
+
+    dense = generation.build_variant("dense", generation.TINY)
+    sparse = generation.build_variant("sparse50", generation.TINY)
+    kernels = [layer.kernel.get_value() for _, layer in linears(sparse)]
+    kernels = [w for w in kernels if isinstance(w, SparseWeight)]
+    assert kernels and {str(w.values.dtype) for w in kernels} == {"bfloat16"}
+    assert generation.weight_bytes(sparse) < generation.weight_bytes(dense)
