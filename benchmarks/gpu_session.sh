@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# A GPU session's work, in stages that each fit one 10-minute device command.
-# Run from the repository root on an H100/H200 with jax 0.11.2 preinstalled:
+# A GPU session's work. FIRST, one device command of under 9 minutes:
 #
-#   bash benchmarks/gpu_session.sh check    # every kernel vs XLA on the GPU
-#   bash benchmarks/gpu_session.sh kernels  # spmm (both decodes), quant_matmul, attention
+#   bash benchmarks/gpu_session.sh proof      # = python3 -m benchmarks.gpu_proof
+#   bash benchmarks/gpu_session.sh optional   # second command, < 5 min: generation, train MFU
+#
+# The proof checks every kernel against XLA on the device, times the headline
+# ratios on the device and sweeps config variants with the time left; its last
+# lines are a compact table, and $OUT gets proof.log, results.json,
+# summary.txt and the tuned configs (<device kind>.json). Record every figure
+# in benchmarks/RESULTS.md before using the GPU for anything else.
+#
+# Longer stages for sessions with more device time (each ~10 minutes):
+#
+#   bash benchmarks/gpu_session.sh check    # tests/test_on_gpu.py (74 cases)
+#   bash benchmarks/gpu_session.sh kernels  # full spmm, quant_matmul, attention tables
 #   bash benchmarks/gpu_session.sh models   # opt shapes for spmm, generation, train
 #
 # Each benchmark gets its own time limit so a slow one cannot starve the rest;
@@ -11,11 +21,22 @@
 # version and date that benchmarks/RESULTS.md asks for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_session.sh check|kernels|models}
+stage=${1:?usage: gpu_session.sh proof|optional|check|kernels|models}
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+
+case $stage in
+  proof)
+    exec $PY -m benchmarks.gpu_proof
+    ;;
+  optional)
+    exec $PY -m benchmarks.gpu_proof --optional
+    ;;
+esac
+
 logs=${OUT:-benchmarks/logs}/$stage
 mkdir -p "$logs"
-export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
-PY=${PY:-python3}
 
 run() {  # run NAME SECONDS COMMAND...: one log per step, limit in seconds
   local name=$1 limit=$2
@@ -47,7 +68,7 @@ case $stage in
     run train 220 $PY -m benchmarks.train
     ;;
   *)
-    echo "unknown stage $stage (check|kernels|models)" >&2
+    echo "unknown stage $stage (proof|optional|check|kernels|models)" >&2
     exit 2
     ;;
 esac

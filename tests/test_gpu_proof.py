@@ -328,3 +328,23 @@ def test_dry_run_runs_every_step_on_the_cpu(tmp_path, monkeypatch, capsys):
     tuned = tmp_path / _tuning.device_file_name("cpu")
     if tuned.exists():  # winners (from noise, on a CPU) still form a valid file
         assert _tuning.load.__wrapped__(str(tuned))
+
+
+def test_a_failing_case_is_recorded_and_the_step_goes_on():
+    rec = gpu_proof.Recorder("check_x")
+    done = []
+    for name in ("breaks", "works"):
+        with gpu_proof.Case(name, rec):
+            if name == "breaks":
+                raise RuntimeError("Mosaic GPU kernel exceeds available shared memory")
+            done.append(name)
+    assert done == ["works"]
+    assert rec.rows[0]["case"] == "breaks" and not rec.rows[0]["ok"]
+    assert "shared memory" in rec.rows[0]["error"]
+    summary = gpu_proof.summarize(
+        {
+            "dry_run": True,
+            "steps": {"check_quant": {"status": "ok", "seconds": 1, "rows": rec.rows}},
+        }
+    )
+    assert "FAIL breaks" in summary
