@@ -103,13 +103,15 @@ def run(
     for mode in modes:
         for seq in seqs:
             batch = max(1, tokens // seq)
-            key = jax.random.split(jax.random.key(0), calls + 2)
-            qs = [
-                jax.random.normal(kk, (batch, seq, heads, head_dim), jnp.bfloat16)
-                for kk in key[:calls]
+            # Every call gets its own q, k and v (XLA may merge dots sharing an operand).
+            keys = jax.random.split(jax.random.key(0), (calls, 3))
+            qkvs = [
+                tuple(
+                    jax.random.normal(kk, (batch, seq, h, head_dim), jnp.bfloat16)
+                    for kk, h in zip(call_keys, (heads, kv_heads, kv_heads), strict=True)
+                )
+                for call_keys in keys
             ]
-            k = jax.random.normal(key[-2], (batch, seq, kv_heads, head_dim), jnp.bfloat16)
-            v = jax.random.normal(key[-1], (batch, seq, kv_heads, head_dim), jnp.bfloat16)
             for window in windows:
                 wname = "causal" if window is None else f"w{window}"
                 if window is not None and window >= seq:
@@ -133,7 +135,7 @@ def run(
                             argnums=(0, 1, 2),
                         )
                     dtype = jnp.float16 if name == "jax_mosaic" else jnp.bfloat16
-                    arg_sets = [tuple(a.astype(dtype) for a in (q, k, v)) for q in qs]
+                    arg_sets = [tuple(a.astype(dtype) for a in qkv) for qkv in qkvs]
                     try:
                         if name == "pallax":
                             got = require_implementation(expected, step, *arg_sets[0])

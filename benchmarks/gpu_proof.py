@@ -650,7 +650,7 @@ def step_time_quant(rec: Recorder):
             if fn is None:
                 times[name] = {"absent": "jax's mixed-type kernel needs a Hopper GPU"}
                 continue
-            arg_sets = timing.rotating_arg_sets(inputs, weights, calls)
+            arg_sets = timing.rotating_arg_sets(inputs, weights)
             got = None
             if impl == "pallax":
                 try:
@@ -711,12 +711,12 @@ def step_time_spmm(rec: Recorder):
             times,
             "dense_bf16",
             bf16,
-            timing.rotating_arg_sets(xs, dense, calls),
+            timing.rotating_arg_sets(xs, dense),
             repeats=s.timing_repeats,
             weight_bytes=k * n * 2,
             copies=len(dense),
         )
-        arg_sets = timing.rotating_arg_sets(xs, sparse, calls)
+        arg_sets = timing.rotating_arg_sets(xs, sparse)
         try:
             impl = timing.require_implementation(expected, pallax, *arg_sets[0], what="spmm")
             _timed(
@@ -799,10 +799,15 @@ def step_time_attention(rec: Recorder):
         impls["xla"] = xla
     calls = 2 if dry_run() else 3  # distinct q per call; attention is compute bound
     for label, seq, window in s.attention_problems:
-        keys = jax.random.split(jax.random.key(seq), calls + 2)
-        qs = [jax.random.normal(kk, (1, seq, hq, d), jnp.bfloat16) for kk in keys[:calls]]
-        k = jax.random.normal(keys[-2], (1, seq, hk, d), jnp.bfloat16)
-        v = jax.random.normal(keys[-1], (1, seq, hk, d), jnp.bfloat16)
+        # Every call gets its own q, k and v (XLA may merge dots sharing an operand).
+        keys = jax.random.split(jax.random.key(seq), (calls, 3))
+        qkvs = [
+            tuple(
+                jax.random.normal(kk, (1, seq, heads, d), jnp.bfloat16)
+                for kk, heads in zip(call_keys, (hq, hk, hk), strict=True)
+            )
+            for call_keys in keys
+        ]
         pairs = visible_pairs(seq, seq if window is None else window, 0)
         for mode in ("fwd", "fwd+bwd"):
             flops = 4 * d * hq * pairs * (3.5 if mode == "fwd+bwd" else 1.0)
@@ -815,9 +820,9 @@ def step_time_attention(rec: Recorder):
                     if mode != "fwd":
                         times[name] = {"absent": "jax's Mosaic attention has no causal backward"}
                         continue
-                    arg_sets = [tuple(a.astype(jnp.float16) for a in (q, k, v)) for q in qs]
+                    arg_sets = [tuple(a.astype(jnp.float16) for a in qkv) for qkv in qkvs]
                 else:
-                    arg_sets = [(q, k, v) for q in qs]
+                    arg_sets = qkvs
                 impl = None
                 if name == "pallax":
                     try:

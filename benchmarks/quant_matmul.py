@@ -121,7 +121,7 @@ def run(ms, shapes, iters, on_gpu, max_copies=None):
             for name, (fn, inputs, weights) in fns.items():
                 if fn is None:
                     continue  # jax's mixed-type kernel needs a Hopper GPU.
-                arg_sets = timing.rotating_arg_sets(inputs, weights, calls)
+                arg_sets = timing.rotating_arg_sets(inputs, weights)
                 if name in pallax:
                     timing.require_implementation(expected, fn, *arg_sets[0], what=name)
                 try:

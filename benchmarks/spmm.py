@@ -85,9 +85,9 @@ def run(shapes, tokens, sparsities, iters, decode=None, max_copies=None):
                     jax.random.normal(kk, (n, k_in), jnp.bfloat16)
                     for kk in jax.random.split(key, calls)
                 ]
-                dense_sets = timing.rotating_arg_sets(xs, dense, calls)
+                dense_sets = timing.rotating_arg_sets(xs, dense)
                 t_dense = timing.time_calls(dense_fn, dense_sets, repeats=iters).seconds
-                sparse_sets = timing.rotating_arg_sets(xs, sparse, calls)
+                sparse_sets = timing.rotating_arg_sets(xs, sparse)
                 times = {}
                 for impl, fn in sparse_fns.items():
                     timing.require_implementation(impl, fn, *sparse_sets[0], what=f"spmm {impl}")

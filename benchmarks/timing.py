@@ -155,22 +155,22 @@ def time_calls(fn, arg_sets, *, repeats: int = 5) -> Timing:
     return Timing(kernel, e2e, calls, dispatches, method)
 
 
-def rotating_arg_sets(xs, weights, calls: int | None = None):
-    """``[(x_i, w_{i mod len(weights)})]`` for ``i < calls`` (default: one per
-    weight), with ``xs`` cycling too. Pass at least as many ``xs`` as calls
-    beyond the weights so no two argument sets are equal."""
-    calls = calls or len(weights)
-    if calls > len(weights) and len(xs) < calls:
+def rotating_arg_sets(xs, weights):
+    """``[(x_i, w_i)]``: one call per weight copy, each with its own input.
+
+    No operand is shared between calls: XLA merges dots that share an operand
+    (``DotMerger``), which would read a shared weight once for several calls.
+    """
+    if len(xs) < len(weights):
         raise ValueError(
-            f"{calls} calls over {len(weights)} weights need {calls} distinct inputs, got {len(xs)}"
+            f"{len(weights)} weight copies need {len(weights)} distinct inputs, got {len(xs)}"
         )
-    return [(xs[i % len(xs)], weights[i % len(weights)]) for i in range(calls)]
+    return list(zip(xs, weights, strict=False))
 
 
-def time_rotating(fn, x, weights, iters: int = 5) -> Timing:
-    """``fn(x, w)`` over every copy in ``weights`` inside one dispatch (see
-    :func:`time_calls`); ``x`` is one array or a list of distinct inputs."""
-    xs = x if isinstance(x, (list, tuple)) else [x]
+def time_rotating(fn, xs, weights, iters: int = 5) -> Timing:
+    """``fn(x_i, w_i)`` over every copy in ``weights`` inside one dispatch (see
+    :func:`time_calls`); ``xs`` holds one distinct input per copy."""
     return time_calls(fn, rotating_arg_sets(xs, weights), repeats=iters)
 
 
