@@ -87,7 +87,7 @@ def _timed_generate(model, prompt, new_tokens, repeats=3):
     return statistics.median(times)
 
 
-def run(config, batches, prompt_len, new_tokens):
+def run(config, batches, prompt_len, new_tokens, variants=tuple(VARIANTS)):
     print(
         f"# device={jax.devices()[0].device_kind} jax={jax.__version__} "
         f"layers={config.num_layers} embed={config.embed_dim} prompt={prompt_len} "
@@ -99,7 +99,7 @@ def run(config, batches, prompt_len, new_tokens):
     )
     rows = []
     dense_rate = {}
-    for name in VARIANTS:
+    for name in variants:
         model = build_variant(name, config)
         w_bytes = weight_bytes(model)
         for batch in batches:
@@ -131,10 +131,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args(argv)
     if args.quick:
-        return run(TINY, [2], 16, 48)
-    return run(ONE_B, [1, 16], 128, args.new)
+        return run(TINY, [2], 16, 48, args.variants)
+    return run(ONE_B, [1, 16], 128, args.new, args.variants)
 
 
 if __name__ == "__main__":

@@ -58,10 +58,11 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny config (CPU smoke test)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run")
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--runs", type=int, default=None, help="only the first N runs")
     args = parser.parse_args(argv)
     quick = args.quick or jax.default_backend() != "gpu"
     preset = "tiny" if quick else "1b"
-    runs = QUICK_RUNS if quick else GPU_RUNS
+    runs = (QUICK_RUNS if quick else GPU_RUNS)[: args.runs]
     steps = args.steps or (2 if quick else 5)
     peak = args.peak_tflops or device_peak_tflops()
     tokens = np.random.default_rng(0).integers(0, 256, 2_000_000, dtype=np.int32)
