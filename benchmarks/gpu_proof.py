@@ -573,16 +573,21 @@ def _timing_entry(timing, impl=None, **extra) -> dict:
     return {**timing.as_dict(), "implementation": impl, **extra}
 
 
-def _timed(rec_times, name, fn, arg_sets, *, repeats, impl=None, **extra):
+def _timed(rec_times, name, fn, arg_sets, *, repeats, impl=None, case=None, **extra):
+    """Times ``fn`` into ``rec_times[name]``; ``case`` labels its compiles
+    (ptxas lines, lowered kernels) in the resource report."""
     from benchmarks.timing import time_calls
 
-    try:
-        timing = time_calls(fn, arg_sets, repeats=repeats)
-    except Exception as e:  # noqa: BLE001 - report and go on
-        rec_times[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-        print(f"  {name}: FAILED {rec_times[name]['error']}", flush=True)
-        return None
-    rec_times[name] = _timing_entry(timing, impl, **extra)
+    label = f"{case}: {name}" if case else name
+    with Case(label) as marker:
+        try:
+            timing = time_calls(fn, arg_sets, repeats=repeats)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            message = (str(e).splitlines() or [""])[0][:160]
+            rec_times[name] = {"error": f"{type(e).__name__}: {message}", "case": label}
+            print(f"  {name}: FAILED {rec_times[name]['error']}", flush=True)
+            return None
+    rec_times[name] = _timing_entry(timing, impl, case=label, kernels=marker.kernels(), **extra)
     kernel = f"{timing.kernel_s * 1e6:9.1f}" if timing.kernel_s is not None else "        -"
     print(
         f"  {name:<28} kernel {kernel} us  e2e {timing.e2e_s * 1e6:9.1f} us  "
@@ -667,6 +672,7 @@ def step_time_quant(rec: Recorder):
                 arg_sets,
                 repeats=s.timing_repeats,
                 impl=got,
+                case=f"quant M={m}",
                 weight_bytes=timing.tree_nbytes(weights[0]),
                 copies=len(weights),
             )
@@ -714,6 +720,7 @@ def step_time_spmm(rec: Recorder):
             bf16,
             timing.rotating_arg_sets(xs, dense),
             repeats=s.timing_repeats,
+            case=f"spmm {sparsity:.0%}",
             weight_bytes=k * n * 2,
             copies=len(dense),
         )
@@ -727,6 +734,7 @@ def step_time_spmm(rec: Recorder):
                 arg_sets,
                 repeats=s.timing_repeats,
                 impl=impl,
+                case=f"spmm {sparsity:.0%}",
                 weight_bytes=timing.tree_nbytes(sparse[0]),
                 copies=len(sparse),
             )
@@ -832,7 +840,15 @@ def step_time_attention(rec: Recorder):
                         times[name] = {"error": str(e)}
                         print(f"  {name}: FAILED {e}", flush=True)
                         continue
-                t = _timed(times, name, run, arg_sets, repeats=s.timing_repeats, impl=impl)
+                t = _timed(
+                    times,
+                    name,
+                    run,
+                    arg_sets,
+                    repeats=s.timing_repeats,
+                    impl=impl,
+                    case=f"attention {label} {mode}",
+                )
                 if t is not None:
                     times[name]["tflops"] = flops / t.seconds / 1e12
             rec.add(
@@ -1326,6 +1342,16 @@ def _us(entry) -> str:
     return "n/a" if "absent" in entry else "FAIL"
 
 
+def _case_kernels(rows):
+    """(case, lowered kernels) from check rows and from timing rows' entries."""
+    for r in rows:
+        if "case" in r:
+            yield r["case"], r.get("kernels", [])
+        for entry in (r.get("times") or {}).values():
+            if isinstance(entry, dict) and "case" in entry:
+                yield entry["case"], entry.get("kernels", [])
+
+
 def summarize(results: dict) -> str:
     steps = results["steps"]
     lines = []
@@ -1340,27 +1366,31 @@ def summarize(results: dict) -> str:
     lines.append(
         "steps: " + ", ".join(f"{n} {s['status']} {s['seconds']:.0f}s" for n, s in steps.items())
     )
-    lines.append("-- resources (ptxas -v per kernel; smem_dyn from the Mosaic lowering)")
-    lines.append(f"{'case':<52}{'regs':>5}{'spill st/ld':>12}{'stack':>6}{'smem_dyn':>9}")
+    lines.append(
+        "-- resources per case: ptxas -v (regs, spill stores/loads, stack) in compile order; "
+        "dynamic smem bytes from the Mosaic lowering, in lowering order"
+    )
     for info in steps.values():
-        rows = {r.get("case"): r for r in info.get("rows", []) if "case" in r}
         ptxas_by_case: dict = {}
         for p in info.get("ptxas", []):
             ptxas_by_case.setdefault(p.get("case"), []).append(p)
-        for case in dict.fromkeys([*rows, *ptxas_by_case]):
+        smem_by_case = dict(_case_kernels(info.get("rows", [])))
+        for case in dict.fromkeys([*smem_by_case, *ptxas_by_case]):
             if case is None or case.startswith("sweep"):
                 continue
             kernels = ptxas_by_case.get(case, [])
-            dyn = [k.get("smem_dynamic") for k in rows.get(case, {}).get("kernels", [])]
-            count = max(len(kernels), len(dyn))
-            for i in range(count):
-                p = kernels[i] if i < len(kernels) else {}
-                spill = f"{p['spill_stores']}/{p['spill_loads']}" if "spill_stores" in p else "-"
-                smem = dyn[i] if i < len(dyn) and dyn[i] is not None else "-"
-                lines.append(
-                    f"{case[:51]:<52}{p.get('registers', '-'):>5}{spill:>12}"
-                    f"{p.get('stack', '-'):>6}{smem:>9}"
-                )
+            smem = [k.get("smem_dynamic") for k in smem_by_case.get(case, [])]
+            if not kernels and not smem:
+                continue
+            regs = ",".join(str(k.get("registers", "?")) for k in kernels) or "-"
+            spill = ",".join(
+                f"{k.get('spill_stores', '?')}/{k.get('spill_loads', '?')}" for k in kernels
+            )
+            stack = ",".join(str(k.get("stack", "?")) for k in kernels)
+            lines.append(
+                f"{case[:56]:<57} regs {regs} spill {spill or '-'} stack {stack or '-'} "
+                f"smem {','.join(str(x) for x in smem) or '-'}"
+            )
     lines.append("-- correctness vs XLA (relative Frobenius error)")
     for name in ("check_quant", "check_decode", "check_attention", "check_sparse"):
         info = steps.get(name)

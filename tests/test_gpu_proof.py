@@ -282,6 +282,12 @@ def test_ptxas_report_is_parsed_per_case():
         "registers": 168,
         "smem_static": 64,
     }
+    row = {"case": kernel["case"], "ok": True, "errors": {"out": 1e-3}, "tol": 1e-2}
+    row["kernels"] = [{"grid": [1, 3, 112], "block": [256, 1, 1], "smem_dynamic": 169160}]
+    step = {"status": "ok", "seconds": 9, "rows": [row], "ptxas": [kernel]}
+    summary = gpu_proof.summarize({"dry_run": False, "steps": {"check_quant": step}})
+    assert "regs 168 spill 8/12 stack 0 smem 169160" in summary
+    assert "OK   w4a16 M=16 4096x14336" in summary
 
 
 def test_a_hung_step_is_killed_at_its_deadline_and_keeps_its_output(tmp_path):
