@@ -1311,6 +1311,8 @@ def orchestrate(steps, out: Path, budget_s: float, dry: bool) -> dict:
             (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     summary = summarize(results)
     (out / "summary.txt").write_text(summary + "\n")
+    with open(out / "proof.log", "a") as log_file:
+        log_file.write("\n" + summary + "\n")
     print("\n" + summary, flush=True)
     return results
 
