@@ -1337,11 +1337,20 @@ def _has_time(entry) -> bool:
 
 
 def _us(entry) -> str:
+    """``kernel/e2e`` microseconds (kernel = CUPTI, or the wall clock without
+    it), TFLOP/s where counted, and the implementation a pallax op traced."""
     if not isinstance(entry, dict):
         return "-"
-    if "seconds" in entry:
-        return f"{entry['seconds'] * 1e6:.1f}"
-    return "n/a" if "absent" in entry else "FAIL"
+    if "seconds" not in entry:
+        return "n/a" if "absent" in entry else "FAIL"
+    text = f"{entry['seconds'] * 1e6:.1f}"
+    if entry.get("kernel_s") is not None:
+        text += f"/{entry['e2e_s'] * 1e6:.1f}"
+    if entry.get("tflops"):
+        text += f" ({entry['tflops']:.0f} TF/s)"
+    if entry.get("implementation"):
+        text += f" [{entry['implementation']}]"
+    return text
 
 
 def _case_kernels(rows):
@@ -1412,7 +1421,8 @@ def summarize(results: dict) -> str:
         if info["status"] != "ok" and info.get("rows"):
             lines.append(f"{name}: {info['status']} after {len(info['rows'])} case(s)")
     lines.append(
-        "-- timings: kernel us per call (CUPTI; wall/calls if no CUPTI), ratios = baseline/pallax"
+        "-- timings, us per call: kernel (CUPTI) / end-to-end (wall of a dispatch / calls;"
+        " alone without CUPTI); ratios = baseline / pallax kernel time"
     )
     for name in ("time_attention", "time_quant", "time_spmm"):
         info = steps.get(name)
