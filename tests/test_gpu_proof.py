@@ -355,3 +355,19 @@ def test_a_failing_case_is_recorded_and_the_step_goes_on():
         }
     )
     assert "FAIL breaks" in summary
+
+
+def test_optional_command_steps_call_the_benchmarks_with_valid_flags(monkeypatch):
+    from benchmarks import generation, train
+
+    assert {s.name for s in gpu_proof.OPTIONAL_STEPS} <= set(gpu_proof.STEP_FUNCTIONS)
+    seen = {}
+    monkeypatch.setattr(generation, "run", lambda *a: seen.setdefault("generation", a) and [])
+    monkeypatch.setattr(train, "GPU_RUNS", ())  # parse the flags, run nothing
+    monkeypatch.setattr(train, "QUICK_RUNS", ())
+    monkeypatch.setenv(gpu_proof.DRY_ENV, "0")
+    gpu_proof.step_generation(gpu_proof.Recorder("generation"))
+    config, batches, prompt, new, variants = seen["generation"]
+    assert config is generation.ONE_B and new == 64 and variants[0] == "dense"
+    gpu_proof.step_train(gpu_proof.Recorder("train"))
+    assert timing.rotation_copies(1000, 10**6, max_copies=3) == 3
