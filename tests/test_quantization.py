@@ -18,6 +18,7 @@ from pallax.pallas_kernels import (
     quantize_activations,
     quantized_matmul,
 )
+from pallax.pallas_kernels import quantized_matmul_swap_mgpu as swap_mgpu
 
 
 def weights(k, n, seed=0, scale=0.05):
@@ -78,40 +79,94 @@ def run_mosaic(x, qw, act_bits, config=None):
         return jax.jit(f)(x, qw)
 
 
-def test_w8a8_kernel_equals_int32_dot_rescaled():
-    """Per-channel W8A8: y = s_x * s_w * (q_x . q_w) exactly, int32 accumulation."""
+@pytest.mark.parametrize("variant, m", [("legacy", 70), ("swap", 70), ("swap", 5)])
+def test_w8a8_kernel_equals_int32_dot_rescaled(variant, m):
+    """Per-channel W8A8: y = s_x * s_w * (q_x . q_w) exactly, int32 accumulation
+    (the swap kernel: one int32 accumulator over each split's whole K)."""
     rng = np.random.default_rng(3)
-    m, k, n = 70, 384, 200
+    k, n = 384, 200
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
-    qw = quantize(weights(k, n), bits=8, group_size=k)
+    qw = quantize(weights(k, n), bits=8, group_size=None)
+    assert qw.group_size == k and qw.scales.shape == (256, 1)
     qx, sx = quantize_activations(x)
     w_int = np.asarray(qw.values)[:n, :k].T
     int_dot = jnp.dot(qx, jnp.asarray(w_int), preferred_element_type=jnp.int32)
     expected = np.asarray(int_dot, np.float64) * np.asarray(sx) * np.asarray(qw.scales)[:n, 0]
-    got = run_mosaic(x, qw, 8, QuantMatmulConfig(k_splits=2))
+    got = run_mosaic(x, qw, 8, QuantMatmulConfig(k_splits=2, variant=variant))
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)
     ref = quantized_matmul(x, qw, act_bits=8, implementation="xla")
     np.testing.assert_allclose(np.asarray(ref), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("variant", ["legacy", "swap"])
+def test_group_wise_w8a8_kernel_equals_the_int32_reference(variant):
+    rng = np.random.default_rng(8)
+    m, k, n = 9, 512, 192
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    qw = quantize(weights(k, n), bits=8, group_size=128)
+    got = run_mosaic(x, qw, 8, QuantMatmulConfig(k_splits=2, variant=variant))
+    ref = quantized_matmul(x, qw, act_bits=8, implementation="xla")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-4)
+
+
+WEIGHT_ONLY_CASES = [
+    (1, 512, 256, 4, True, jnp.bfloat16),  # decode, W4A16
+    (5, 300, 200, 8, True, jnp.bfloat16),  # odd K and N, W8A16
+    (16, 256, 130, 4, False, jnp.float16),  # asymmetric int4 (zero points), fp16
+    (3, 384, 128, 8, False, jnp.float32),  # asymmetric int8; fp32 input computes in bf16
+]
+
+
 @pytest.mark.parametrize(
-    "m, k, n, bits, symmetric, dtype",
-    [
-        (1, 512, 256, 4, True, jnp.bfloat16),  # decode, W4A16
-        (5, 300, 200, 8, True, jnp.bfloat16),  # odd K and N, W8A16
-        (70, 256, 130, 4, False, jnp.float16),  # asymmetric int4, fp16
-        (3, 384, 128, 8, False, jnp.float32),  # fp32 input computes in bf16
-    ],
+    "variant, m, k, n, bits, symmetric, dtype",
+    [("swap", *case) for case in WEIGHT_ONLY_CASES]
+    + [
+        ("legacy", 1, 512, 256, 4, True, jnp.bfloat16),
+        ("legacy", 70, 256, 130, 4, False, jnp.float16),
+    ]
+    + [(None, 70, 256, 130, 8, True, jnp.bfloat16)],  # > 64 tokens: the legacy kernel
 )
-def test_weight_only_kernel_matches_dequantized_reference(m, k, n, bits, symmetric, dtype):
+def test_weight_only_kernel_matches_dequantized_reference(variant, m, k, n, bits, symmetric, dtype):
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)
     qw = quantize(weights(k, n), bits=bits, group_size=128, symmetric=symmetric)
-    got = run_mosaic(x, qw, None, QuantMatmulConfig(k_splits=2))
-    dense = np.asarray(x, np.float32) @ np.asarray(qw.dequantize())
-    tol = 3e-2 * np.abs(dense).max()
-    np.testing.assert_allclose(np.asarray(got, np.float32), dense, atol=tol)
+    got = run_mosaic(x, qw, None, QuantMatmulConfig(k_splits=2, variant=variant))
     assert got.dtype == dtype and got.shape == (m, n)
+    # Both kernels round the dequantized weight (and x) to the compute dtype
+    # once; what is left is accumulation order and the output's rounding.
+    compute = jnp.float16 if dtype == jnp.float16 else jnp.bfloat16
+    x_c = np.asarray(x.astype(compute), np.float32)
+    expected = x_c @ np.asarray(qw.dequantize(compute), np.float32)
+    tol = 5e-3 * np.abs(expected).max()
+    np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=tol)
+
+
+def test_bit_trick_dequantization_is_exact_for_every_code():
+    """``dequantize_codes`` (no int-to-float convert, zero point folded into
+    one FMA) equals ``(u - z) * s`` for all 256 codes, rounded once."""
+    u = jnp.arange(256, dtype=jnp.int32)[:, None]
+    s = jnp.asarray([[1.0, 0.0123, 3.7e-4, 2.5]], jnp.float32)
+    z = jnp.asarray([[0.0, 8.0, 128.0, 255.0]], jnp.float32)
+    got = swap_mgpu.dequantize_codes(
+        jnp.broadcast_to(u, (256, 4)), 2 * s, -(256.0 + z) * s, jnp.float32
+    )
+    expected = (np.arange(256)[:, None] - np.asarray(z, np.float64)) * np.asarray(s, np.float64)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-5 * float(s.max()))
+    bf16 = swap_mgpu.dequantize_codes(
+        jnp.broadcast_to(u, (256, 4)), 2 * s, -(256.0 + z) * s, jnp.bfloat16
+    )
+    np.testing.assert_array_equal(np.asarray(bf16), np.asarray(expected.astype(jnp.bfloat16)))
+
+
+def test_dispatch_picks_the_swap_kernel_for_few_tokens():
+    config = QuantMatmulConfig()
+    assert [config.variant_for(m) for m in (1, 16, 64, 65, 4096)] == ["swap"] * 3 + ["legacy"] * 2
+    assert QuantMatmulConfig(variant="legacy").variant_for(1) == "legacy"
+    assert QuantMatmulConfig(swap_max_tokens=0).variant_for(1) == "legacy"
+    with pytest.raises(ValueError, match="variant='fast' must be one of"):
+        QuantMatmulConfig(variant="fast")
+    with pytest.raises(ValueError, match="block_m=12 must be a multiple of 8"):
+        QuantMatmulConfig(block_m=12)
 
 
 def test_gradient_flows_to_x_only():

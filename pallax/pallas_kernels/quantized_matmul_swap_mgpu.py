@@ -256,9 +256,13 @@ def _kernel(
             ),
         ]
         if streamed_scales:
-            streams.append(Stream(lambda s: scale_ref.at[s, rows], scale_smem, loaded[2], consumed[2]))
+            streams.append(
+                Stream(lambda s: scale_ref.at[s, rows], scale_smem, loaded[2], consumed[2])
+            )
         if static_zero is None:
-            streams.append(Stream(lambda s: zero_ref.at[s, rows], zero_smem, loaded[3], consumed[3]))
+            streams.append(
+                Stream(lambda s: zero_ref.at[s, rows], zero_smem, loaded[3], consumed[3])
+            )
         _mgpu.produce(streams, lo, hi, num_slots)
 
 
