@@ -78,7 +78,16 @@ def test_sharded_attention_with_kernels_lowers(method, window):
 
 
 @pytest.mark.parametrize(
-    "m, variant", [(1, None), (16, None), (64, None), (4096, None), (1, "legacy"), (16, "legacy")]
+    "m, variant",
+    [
+        (1, None),
+        (16, None),
+        (64, None),
+        (4096, None),
+        (1, "legacy"),
+        (16, "legacy"),
+        (4096, "legacy"),
+    ],
 )
 @pytest.mark.parametrize(
     "bits, act_bits, symmetric, group_size",
@@ -92,7 +101,8 @@ def test_sharded_attention_with_kernels_lowers(method, window):
 )
 @pytest.mark.parametrize("k, n", [(4096, 4096), (4096, 14336)])
 def test_quantized_matmul_lowers(m, variant, bits, act_bits, symmetric, group_size, k, n):
-    """Both kernels (None: what the dispatch picks, "swap" up to 64 tokens)."""
+    """Every kernel (None: what the dispatch picks: "swap" up to 64 tokens, then
+    "int8" for W8A8 and "legacy" for weight-only)."""
     from pallax.pallas_kernels import QuantMatmulConfig, quantize, quantized_matmul
 
     qw = jax.eval_shape(

@@ -79,10 +79,13 @@ def run_mosaic(x, qw, act_bits, config=None):
         return jax.jit(f)(x, qw)
 
 
-@pytest.mark.parametrize("variant, m", [("legacy", 70), ("swap", 70), ("swap", 5)])
-def test_w8a8_kernel_equals_int32_dot_rescaled(variant, m):
+@pytest.mark.parametrize(
+    "variant, m, k_splits",
+    [("legacy", 70, 2), ("swap", 70, 2), ("swap", 5, 2), ("int8", 130, 1), (None, 70, 2)],
+)
+def test_w8a8_kernel_equals_int32_dot_rescaled(variant, m, k_splits):
     """Per-channel W8A8: y = s_x * s_w * (q_x . q_w) exactly, int32 accumulation
-    (the swap kernel: one int32 accumulator over each split's whole K)."""
+    (swap and int8 kernels: one int32 accumulator over each split's whole K)."""
     rng = np.random.default_rng(3)
     k, n = 384, 200
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
@@ -92,21 +95,42 @@ def test_w8a8_kernel_equals_int32_dot_rescaled(variant, m):
     w_int = np.asarray(qw.values)[:n, :k].T
     int_dot = jnp.dot(qx, jnp.asarray(w_int), preferred_element_type=jnp.int32)
     expected = np.asarray(int_dot, np.float64) * np.asarray(sx) * np.asarray(qw.scales)[:n, 0]
-    got = run_mosaic(x, qw, 8, QuantMatmulConfig(k_splits=2, variant=variant))
+    got = run_mosaic(x, qw, 8, QuantMatmulConfig(k_splits=k_splits, variant=variant))
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)
     ref = quantized_matmul(x, qw, act_bits=8, implementation="xla")
     np.testing.assert_allclose(np.asarray(ref), expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["legacy", "swap"])
-def test_group_wise_w8a8_kernel_equals_the_int32_reference(variant):
+@pytest.mark.parametrize(
+    "variant, dtype, k_splits",
+    [
+        ("legacy", jnp.float32, 2),
+        ("swap", jnp.float32, 2),
+        ("int8", jnp.float32, 2),
+        ("int8", jnp.bfloat16, 1),  # bf16 written by the kernel itself
+    ],
+)
+def test_group_wise_w8a8_kernel_equals_the_int32_reference(variant, dtype, k_splits):
+    """Group-wise W8A8 (the int8 kernel converts each block's int32 sum with the
+    magic-number add, not a convert instruction)."""
     rng = np.random.default_rng(8)
     m, k, n = 9, 512, 192
-    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
     qw = quantize(weights(k, n), bits=8, group_size=128)
-    got = run_mosaic(x, qw, 8, QuantMatmulConfig(k_splits=2, variant=variant))
-    ref = quantized_matmul(x, qw, act_bits=8, implementation="xla")
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-4)
+    got = run_mosaic(x, qw, 8, QuantMatmulConfig(k_splits=k_splits, variant=variant))
+    assert got.dtype == dtype
+    ref = quantized_matmul(x.astype(jnp.float32), qw, act_bits=8, implementation="xla")
+    rtol = 1e-5 if dtype == jnp.float32 else 2**-8
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref), rtol=rtol, atol=1e-4)
+
+
+def test_small_int32_to_float_is_exact_below_2_to_the_22():
+    from pallax.pallas_kernels import quantized_matmul_int8_mgpu as int8_mgpu
+
+    edge = 2**22 - 1
+    acc = jnp.asarray([0, 1, -1, 127 * 127 * 128, -127 * 127 * 128, edge, -edge, 12345], jnp.int32)
+    got = int8_mgpu.small_int32_to_float(acc)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(acc, np.float32))
 
 
 WEIGHT_ONLY_CASES = [
@@ -161,6 +185,10 @@ def test_bit_trick_dequantization_is_exact_for_every_code():
 def test_dispatch_picks_the_swap_kernel_for_few_tokens():
     config = QuantMatmulConfig()
     assert [config.variant_for(m) for m in (1, 16, 64, 65, 4096)] == ["swap"] * 3 + ["legacy"] * 2
+    assert config.variant_for(64, w8a8=True) == "swap"
+    assert config.variant_for(4096, w8a8=True) == "int8"
+    with pytest.raises(ValueError, match="variant='int8' is the W8A8 kernel"):
+        QuantMatmulConfig(variant="int8").variant_for(4096)
     assert QuantMatmulConfig(variant="legacy").variant_for(1) == "legacy"
     assert QuantMatmulConfig(swap_max_tokens=0).variant_for(1) == "legacy"
     with pytest.raises(ValueError, match="variant='fast' must be one of"):

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallax.pallas_kernels import quantized_matmul_int8_mgpu as int8_mgpu
 from pallax.pallas_kernels import quantized_matmul_mgpu as mgpu
 from pallax.pallas_kernels import quantized_matmul_swap_mgpu as swap_mgpu
 from pallax.pallas_kernels._dispatch import (
@@ -252,8 +253,14 @@ def _mosaic_matmul(x, qw, act_bits, config):
     x2 = x.reshape(-1, k)
     kp = qw.padded_in_features
     config = config or mgpu.QuantMatmulConfig()
-    if config.variant_for(x2.shape[0]) == "swap":
+    variant = config.variant_for(x2.shape[0], w8a8=act_bits == 8)
+    if variant == "swap":
         kernel = functools.partial(swap_mgpu.matmul, config=config.swap_config())
+    elif variant == "int8":
+        out_dtype = jnp.float32 if x.dtype == jnp.float32 else x.dtype
+        kernel = functools.partial(
+            int8_mgpu.matmul, out_dtype=out_dtype, config=config.int8_config()
+        )
     else:
         kernel = functools.partial(mgpu.matmul, config=config)
     if act_bits == 8:

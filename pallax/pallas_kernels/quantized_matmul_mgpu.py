@@ -29,13 +29,14 @@ from jax import lax
 
 from pallax.pallas_kernels import _mgpu
 from pallax.pallas_kernels._mgpu import Stream, cdiv, mma
+from pallax.pallas_kernels.quantized_matmul_int8_mgpu import Int8Config
 from pallax.pallas_kernels.quantized_matmul_swap_mgpu import SwapConfig
 
 BLOCK_M = 64
 BLOCK_K = 128  # == quantization.PACK_BLOCK
 
 
-VARIANTS = ("legacy", "swap")
+VARIANTS = ("legacy", "swap", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +45,12 @@ class QuantMatmulConfig:
 
     ``variant``: "legacy" (this file: 64-token x ``block_n`` output tiles, the
     weight as the wgmma B operand), "swap" (``quantized_matmul_swap_mgpu``:
-    ``y^T = W^T x^T``, 64 weight rows x ``block_m`` tokens), or None: "swap"
-    when M <= ``swap_max_tokens`` (decode: no token padding to 64, small
-    split-K partials), "legacy" above. ``block_n`` applies to "legacy",
-    ``block_m`` to "swap"; the others to both.
+    ``y^T = W^T x^T``, 64 weight rows x ``block_m`` tokens), "int8" (W8A8
+    only, ``quantized_matmul_int8_mgpu``: 128 x ``block_n`` tiles, two compute
+    warpgroups), or None: "swap" when M <= ``swap_max_tokens`` (decode: no
+    token padding to 64, small split-K partials); above it "int8" for W8A8
+    and "legacy" for weight-only. ``block_n`` applies to "legacy" and "int8",
+    ``block_m`` to "swap"; the others to all.
     """
 
     block_n: int = 128
@@ -71,8 +74,21 @@ class QuantMatmulConfig:
             raise ValueError(f"swap_max_tokens={self.swap_max_tokens} must be >= 0")
         self.swap_config()  # validates block_m
 
-    def variant_for(self, m: int) -> str:
-        return self.variant or ("swap" if m <= self.swap_max_tokens else "legacy")
+    def variant_for(self, m: int, w8a8: bool = False) -> str:
+        if self.variant == "int8" and not w8a8:
+            raise ValueError("variant='int8' is the W8A8 kernel; it needs act_bits=8")
+        if self.variant:
+            return self.variant
+        if m <= self.swap_max_tokens:
+            return "swap"
+        return "int8" if w8a8 else "legacy"
+
+    def int8_config(self) -> Int8Config:
+        return Int8Config(
+            block_n=self.block_n,
+            max_concurrent_steps=self.max_concurrent_steps,
+            k_splits=self.k_splits,
+        )
 
     def swap_config(self) -> SwapConfig:
         return SwapConfig(
