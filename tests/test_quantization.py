@@ -165,21 +165,32 @@ def test_weight_only_kernel_matches_dequantized_reference(variant, m, k, n, bits
     np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=tol)
 
 
-def test_bit_trick_dequantization_is_exact_for_every_code():
-    """``dequantize_codes`` (no int-to-float convert, zero point folded into
-    one FMA) equals ``(u - z) * s`` for all 256 codes, rounded once."""
-    u = jnp.arange(256, dtype=jnp.int32)[:, None]
-    s = jnp.asarray([[1.0, 0.0123, 3.7e-4, 2.5]], jnp.float32)
-    z = jnp.asarray([[0.0, 8.0, 128.0, 255.0]], jnp.float32)
-    got = swap_mgpu.dequantize_codes(
-        jnp.broadcast_to(u, (256, 4)), 2 * s, -(256.0 + z) * s, jnp.float32
-    )
-    expected = (np.arange(256)[:, None] - np.asarray(z, np.float64)) * np.asarray(s, np.float64)
-    np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-5 * float(s.max()))
-    bf16 = swap_mgpu.dequantize_codes(
-        jnp.broadcast_to(u, (256, 4)), 2 * s, -(256.0 + z) * s, jnp.bfloat16
-    )
-    np.testing.assert_array_equal(np.asarray(bf16), np.asarray(expected.astype(jnp.bfloat16)))
+@pytest.mark.parametrize("bits, signed", [(4, False), (8, True), (8, False)])
+def test_bit_trick_dequantization_is_exact_for_every_code(bits, signed):
+    """The swap kernel's dequantization (no int-to-float convert, the zero point
+    folded into one FMA) equals ``(raw - z) * s`` for every stored integer."""
+    if bits == 4:  # every byte: low nibble, high nibble
+        stored = np.arange(256)
+        codes = [stored & 15, stored >> 4]
+        zero = np.asarray([[0.0, 8.0, 3.0, 15.0]])
+    else:
+        stored = np.arange(-128, 128) if signed else np.arange(256)
+        codes = [stored + 128] if signed else [stored]
+        zero = np.asarray([[128.0] * 4]) if signed else np.asarray([[0.0, 8.0, 128.0, 255.0]])
+    s = np.asarray([[1.0, 0.0123, 3.7e-4, 2.5]], np.float32)
+    raw = jnp.broadcast_to(jnp.asarray(stored, jnp.int32)[:, None], (256, 4))
+    mult = jnp.asarray(2 * s)
+    bias = jnp.asarray(-(256.0 + zero) * s, jnp.float32)
+    patterns = swap_mgpu.magic_patterns(raw, bits, signed)
+    for pattern, code in zip(patterns, codes, strict=True):
+        expected = (code[:, None] - zero) * s.astype(np.float64)
+        got = swap_mgpu.dequantize_patterns(pattern, mult, bias, jnp.float32)
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-5 * s.max())
+        got_bf16 = swap_mgpu.dequantize_patterns(pattern, mult, bias, jnp.bfloat16)
+        np.testing.assert_array_equal(
+            np.asarray(got_bf16, np.float32),
+            np.asarray(jnp.asarray(expected, jnp.float32).astype(jnp.bfloat16), np.float32),
+        )
 
 
 def test_dispatch_picks_the_swap_kernel_for_few_tokens():

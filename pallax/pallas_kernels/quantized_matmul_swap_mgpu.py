@@ -86,15 +86,34 @@ class SwapConfig:
         return max(1, min(cdiv(self.target_ctas, output_tiles), k_blocks // 4 or 1))
 
 
-def dequantize_codes(codes, mult, bias, dtype):
-    """int32 codes ``u`` in [0, 256) -> ``(u - z) * s`` as ``dtype``, no int-to-float convert.
+CODE_BITS = 0xFF << 15  # where an 8-bit code sits in the fp32 pattern
+NIBBLE_BITS = 0xF << 15
 
-    ``mult = 2 s`` and ``bias = -(256 + z) s`` (fp32, broadcast to ``codes``):
-    the bit pattern ``0x43000000 | u << 15`` is the fp32 ``128 + u / 2`` exactly,
-    and ``(128 + u / 2) * 2 s - (256 + z) s = (u - z) s`` with one FMA whose
+
+def magic_patterns(raw, bits: int, signed: bool):
+    """Stored integers (int32, as loaded) -> fp32 bit patterns ``0x43000000 | u << 15``.
+
+    ``u`` is the unsigned code: the nibble (int4: two patterns, low then high
+    nibble), the byte (uint8), or the byte + 128 (int8, zero point 128). Each
+    pattern is one shift and one masked OR / XOR (a LOP3 with constants).
+    """
+    if bits == 4:
+        low = (lax.shift_left(raw, 15) & NIBBLE_BITS) | MAGIC_128
+        high = (lax.shift_left(raw, 11) & NIBBLE_BITS) | MAGIC_128
+        return [low, high]
+    if signed:  # Sign-extended byte: keep its 8 bits and flip the top one (+128).
+        return [(lax.shift_left(raw, 15) & CODE_BITS) ^ (MAGIC_128 | 0x80 << 15)]
+    return [lax.shift_left(raw, 15) | MAGIC_128]
+
+
+def dequantize_patterns(patterns, mult, bias, dtype):
+    """fp32 patterns of ``128 + u / 2`` -> ``(u - z) * s`` as ``dtype``, no int-to-float convert.
+
+    ``mult = 2 s`` and ``bias = -(256 + z) s`` (fp32, broadcast to ``patterns``):
+    ``(128 + u / 2) * 2 s - (256 + z) s = (u - z) s`` with one FMA whose
     rounding error (~2^-24 * 384 s) is far below bf16's.
     """
-    v = lax.bitcast_convert_type(lax.shift_left(codes, 15) | MAGIC_128, jnp.float32)
+    v = lax.bitcast_convert_type(patterns, jnp.float32)
     return (v * mult + bias).astype(dtype)
 
 
@@ -160,14 +179,8 @@ def _kernel(
             release_weight_side(slot)  # Everything we need is in registers now.
             mult = lax.broadcast_in_dim(scale + scale, raw.shape, [0])
             bias = lax.broadcast_in_dim(-(256.0 + zero) * scale, raw.shape, [0])
-            dtype = staging_smem.dtype
-            if bits == 8:
-                # Signed codes -128..127 become 0..255 (their zero point is 128).
-                codes = (raw + 128) if signed_codes else raw
-                return [dequantize_codes(codes, mult, bias, dtype)]
-            low = raw & 15
-            high = lax.shift_right_logical(raw, 4) & 15
-            return [dequantize_codes(c, mult, bias, dtype) for c in (low, high)]
+            patterns = magic_patterns(raw, bits, signed_codes)
+            return [dequantize_patterns(p, mult, bias, staging_smem.dtype) for p in patterns]
 
         def weight_only(acc_ref):
             def step(k_step, _):
@@ -298,7 +311,7 @@ def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
         zeros = per_block(qw.zeros, qw.group_size, k_blocks)
     else:
         # Zero point of the codes the kernel dequantizes (int8 shifted to 0..255).
-        static_zero = 8.0 if qw.bits == 4 else 128.0
+        static_zero = 8.0 if qw.bits == 4 else 128.0  # int8: see magic_patterns
         zeros = jnp.zeros((1, 1), jnp.float32)  # Unused placeholder operand.
     output_tiles = (np_ // ROWS) * (mp // block_m)
     splits = config.splits_for(output_tiles, k_blocks)
