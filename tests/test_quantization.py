@@ -136,7 +136,7 @@ def test_small_int32_to_float_is_exact_below_2_to_the_22():
 WEIGHT_ONLY_CASES = [
     (1, 512, 256, 4, True, jnp.bfloat16),  # decode, W4A16
     (5, 300, 200, 8, True, jnp.bfloat16),  # odd K and N, W8A16
-    (16, 256, 130, 4, False, jnp.float16),  # asymmetric int4 (zero points), fp16
+    (16, 2048, 130, 4, False, jnp.float16),  # asymmetric int4 (zero points), fp16, 2 slabs
     (3, 384, 128, 8, False, jnp.float32),  # asymmetric int8; fp32 input computes in bf16
 ]
 

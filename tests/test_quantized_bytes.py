@@ -75,3 +75,20 @@ def test_the_count_sees_the_legacy_kernels_padding_and_partials():
     """The counter is not blind: the legacy kernel, still selectable, fails the bound."""
     ratio = bytes_ratio("w4a16", 1, 4096, 4096, QuantMatmulConfig(variant="legacy"))
     assert ratio > 1.9
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_decode_reads_scales_as_stored_without_an_xla_transpose(symmetric):
+    """Scales and zero points reach the swap kernel in their stored [N, K / 128]
+    layout (one slab per CTA), so no XLA op rewrites them on every call."""
+    qw = jax.eval_shape(
+        functools.partial(quantize, bits=4, group_size=128, symmetric=symmetric),
+        jax.ShapeDtypeStruct((4096, 4096), jnp.float32),
+    )
+    x = jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16)
+    run = functools.partial(quantized_matmul, implementation="mosaic")
+    text = testing.lower_for_cuda(run, x, qw).mlir_module()
+    (call,) = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+    operands = call[call.rindex(" : (") : call.rindex("->")]
+    assert operands.count("tensor<4096x32xf32>") == (1 if symmetric else 2)
+    assert "stablehlo.transpose" not in text.split("custom_call @mosaic_gpu")[0]

@@ -129,9 +129,11 @@ def _kernel(
     zero_smem,
     staging_smem,
     o_smem,
+    slab_barrier,
     loaded,
     consumed,
     *,
+    slab_width: int | None,
     bits: int,
     w8a8: bool,
     per_channel: bool,
@@ -153,7 +155,10 @@ def _kernel(
     w_cols = BLOCK_K if bits == 8 else BLOCK_K // 2
     per_row = plgpu.Layout.WGMMA.reduce(1)  # a [ROWS] vector along the tile's rows
     acc_shape = (ROWS, block_m)
-    streamed_scales = not per_channel  # per-channel W8A8 reads its one scale row at the end
+    # Scales (and zero points) come either as one [ROWS, slab_width] slab of
+    # the stored [Np, K / 128] layout per CTA, or, streamed per K block, from
+    # a [K / 128, Np] copy; per-channel W8A8 reads its one row at the end.
+    streamed_scales = not per_channel and slab_width is None
 
     @pl.when(wg == 0)
     def _compute():
@@ -166,16 +171,43 @@ def _kernel(
             for barrier in consumed_rest:
                 plgpu.barrier_arrive(barrier.at[slot])
 
-        def dequantized(slot):
+        if slab_width is not None:
+            # One TMA per CTA; column j of the slab is K block lo + j. A column
+            # is picked in registers (a masked sum over the 4 lanes sharing a
+            # row): strided SMEM loads do not lower in jax 0.11.
+            slabs = [scale_smem] + ([zero_smem] if static_zero is None else [])
+            refs = [scale_ref] + ([zero_ref] if static_zero is None else [])
+            for i, (ref, slab) in enumerate(zip(refs, slabs, strict=True)):
+                columns_of_split = pl.ds(pl.multiple_of(lo, 8), slab_width)
+                plgpu.copy_gmem_to_smem(ref.at[rows, columns_of_split], slab, slab_barrier.at[i])
+            for i in range(len(slabs)):
+                plgpu.barrier_wait(slab_barrier.at[i])
+            slab_values = [plgpu.load(slab, layout=plgpu.Layout.WGMMA) for slab in slabs]
+            columns = plgpu.layout_cast(
+                lax.broadcasted_iota(jnp.int32, (ROWS, slab_width), 1), plgpu.Layout.WGMMA
+            )
+
+            def row_params(k_step, slot):
+                del slot
+                picked = [
+                    jnp.sum(jnp.where(columns == k_step - lo, v, 0.0), axis=1) for v in slab_values
+                ]
+                return picked[0], (picked[1] if static_zero is None else static_zero)
+        else:
+
+            def row_params(k_step, slot):
+                del k_step
+                scale = plgpu.load(scale_smem.at[slot], layout=per_row)
+                if static_zero is None:
+                    return scale, plgpu.load(zero_smem.at[slot], layout=per_row)
+                return scale, static_zero
+
+        def dequantized(k_step, slot):
             """The weight tile of ``slot`` as ``[ROWS, 128]`` in halves of the staging dtype."""
             for barrier in (loaded_w, *loaded_rest):
                 plgpu.barrier_wait(barrier.at[slot])
             raw = plgpu.load(w_smem.at[slot], layout=plgpu.Layout.WGMMA).astype(jnp.int32)
-            scale = plgpu.load(scale_smem.at[slot], layout=per_row)
-            if static_zero is None:
-                zero = plgpu.load(zero_smem.at[slot], layout=per_row)
-            else:
-                zero = static_zero
+            scale, zero = row_params(k_step, slot)
             release_weight_side(slot)  # Everything we need is in registers now.
             mult = lax.broadcast_in_dim(scale + scale, raw.shape, [0])
             bias = lax.broadcast_in_dim(-(256.0 + zero) * scale, raw.shape, [0])
@@ -186,7 +218,7 @@ def _kernel(
             def step(k_step, _):
                 slot = _mgpu.slot_of(k_step, lo, num_slots)
                 stage = staging_smem.at[lax.rem(k_step - lo, 2)]
-                halves = dequantized(slot)
+                halves = dequantized(k_step, slot)
                 width = BLOCK_K // len(halves)
                 for i, half in enumerate(halves):
                     stage.at[:, pl.ds(i * width, width)][...] = half
@@ -238,7 +270,7 @@ def _kernel(
                 return int_acc[...]
 
             block = pl.run_scoped(int_mma, plgpu.ACC(acc_shape, jnp.int32))
-            scale = plgpu.load(scale_smem.at[slot], layout=per_row)
+            scale, _ = row_params(k_step, slot)
             plgpu.barrier_arrive(consumed_x.at[slot])
             release_weight_side(slot)
             return acc + block.astype(jnp.float32) * lax.broadcast_in_dim(scale, acc_shape, [0])
@@ -272,11 +304,29 @@ def _kernel(
             streams.append(
                 Stream(lambda s: scale_ref.at[s, rows], scale_smem, loaded[2], consumed[2])
             )
-        if static_zero is None:
+        if streamed_scales and static_zero is None:
             streams.append(
                 Stream(lambda s: zero_ref.at[s, rows], zero_smem, loaded[3], consumed[3])
             )
         _mgpu.produce(streams, lo, hi, num_slots)
+
+
+MAX_SLAB_WIDTH = 32
+
+
+def slab_width_for(qw, blocks_per_split: int) -> int | None:
+    """Columns of the per-CTA scale slab (a multiple of 8), or None to stream per block.
+
+    The slab is a TMA box of the stored ``[Np, K / 128]`` scales: it needs one
+    group per K block, rows of a multiple of 16 bytes, and a split of at most
+    32 blocks (the columns live in registers: ``width / 2`` per thread). Splits
+    are then rounded up to whole slabs, so that each starts at a multiple of 8.
+    """
+    groups = qw.scales.shape[1]
+    width = -(-blocks_per_split // 8) * 8
+    if qw.group_size != BLOCK_K or groups % 4 or width > MAX_SLAB_WIDTH:
+        return None
+    return width
 
 
 def per_block(per_group, group_size: int, k_blocks: int):
@@ -302,25 +352,36 @@ def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
     x = jnp.pad(x, ((0, mp - m), (0, 0)))
     k_blocks = kp // BLOCK_K
     per_channel = w8a8 and qw.scales.shape[1] == 1
-    if per_channel:
-        scales = qw.scales.T.astype(jnp.float32)  # [1, Np], read once per CTA
-    else:
-        scales = per_block(qw.scales, qw.group_size, k_blocks)
-    static_zero = None
-    if qw.zeros is not None:
-        zeros = per_block(qw.zeros, qw.group_size, k_blocks)
-    else:
-        # Zero point of the codes the kernel dequantizes (int8 shifted to 0..255).
-        static_zero = 8.0 if qw.bits == 4 else 128.0  # int8: see magic_patterns
-        zeros = jnp.zeros((1, 1), jnp.float32)  # Unused placeholder operand.
     output_tiles = (np_ // ROWS) * (mp // block_m)
     splits = config.splits_for(output_tiles, k_blocks)
     blocks_per_split = cdiv(k_blocks, splits)
     splits = cdiv(k_blocks, blocks_per_split)
+    slab_width = None if per_channel else slab_width_for(qw, blocks_per_split)
+    if slab_width is not None:
+        blocks_per_split = slab_width
+        splits = cdiv(k_blocks, blocks_per_split)
+    static_zero = None
+    if qw.zeros is None:
+        # Zero point of the codes the kernel dequantizes (int8 shifted to 0..255).
+        static_zero = 8.0 if qw.bits == 4 else 128.0  # int8: see magic_patterns
+    if per_channel:
+        scales = qw.scales.T.astype(jnp.float32)  # [1, Np], read once per CTA
+    elif slab_width is not None:
+        scales = qw.scales  # as stored: no XLA transposition per call
+    else:
+        scales = per_block(qw.scales, qw.group_size, k_blocks)
+    if static_zero is not None:
+        zeros = jnp.zeros((1, 1), jnp.float32)  # Unused placeholder operand.
+    elif slab_width is not None:
+        zeros = qw.zeros
+    else:
+        zeros = per_block(qw.zeros, qw.group_size, k_blocks)
     num_slots = config.max_concurrent_steps
     w_cols = BLOCK_K if qw.bits == 8 else BLOCK_K // 2
     # x, weight, scales (per-channel W8A8: one slot, read once) and zero points.
-    num_streams = 3 + (static_zero is None)
+    num_streams = 3 + (static_zero is None) if slab_width is None else 2
+    slab_shape = (ROWS, slab_width or 8)
+    slab_transforms = _mgpu.smem_transforms(jnp.float32, 8)
     staging_dtype = jnp.bfloat16 if w8a8 else x.dtype
     buffers = (
         plgpu.SMEM(
@@ -331,8 +392,11 @@ def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
             qw.values.dtype,
             transforms=_mgpu.smem_transforms(qw.values.dtype, w_cols),
         ),
-        plgpu.SMEM((num_slots, ROWS), jnp.float32),
-        plgpu.SMEM((num_slots, ROWS), jnp.float32),
+        *(
+            [plgpu.SMEM((num_slots, ROWS), jnp.float32)] * 2
+            if slab_width is None
+            else [plgpu.SMEM(slab_shape, jnp.float32, transforms=slab_transforms)] * 2
+        ),
         plgpu.SMEM(
             (1 if w8a8 else 2, ROWS, BLOCK_K),
             staging_dtype,
@@ -349,6 +413,7 @@ def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
         )
     kernel = functools.partial(
         _kernel,
+        slab_width=slab_width,
         bits=qw.bits,
         w8a8=w8a8,
         per_channel=per_channel,
@@ -362,7 +427,11 @@ def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
     partials = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((splits, np_, mp), jnp.float32),
-        scratch_types=(*buffers, *_mgpu.ring_barriers(num_slots, num_streams, 1)),
+        scratch_types=(
+            *buffers,
+            plgpu.Barrier(num_barriers=2),  # scale and zero-point slabs
+            *_mgpu.ring_barriers(num_slots, num_streams, 1),
+        ),
         grid=(np_ // ROWS, splits, mp // block_m),
         grid_names=("n_tiles", "k_splits", "m_tiles"),
         num_threads=2,
