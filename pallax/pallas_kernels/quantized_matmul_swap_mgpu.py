@@ -27,15 +27,23 @@ TMA ring; the compute warpgroup:
   The per-token activation scales are applied in the XLA epilogue that sums
   the splits.
 
+Scales (and zero points) are read as stored, ``[Np, K / 128]``: one TMA slab
+of ``64 x 8..32`` columns per CTA (splits are rounded to whole slabs), the
+step's column picked in registers; shapes that do not fit a slab (groups
+other than 128, ``K / 128`` not a multiple of 4, splits over 32 blocks) stream
+a ``[K / 128, Np]`` copy per K block instead.
+
 Partial sums are fp32 ``[splits, Np, Mp]``: ``splits x`` the (token-padded)
-output, about 7% of a 4096 x 4096 int4 weight's bytes at M = 1 (the legacy
+output, about 6% of a 4096 x 4096 int4 weight's bytes at M = 1 (the legacy
 kernel's were as large as the weight). TMA reduce-add would remove them, but
 GPU interpret mode (the CPU tests) does not implement it in jax 0.11.
 
 Budget per CTA (predicted): shared memory ``slots x (block_m x 256 + 64 x 128
-(int8) or 64 x 64 (int4) + 512) + 32 KiB staging + 64 x block_m x 4`` bytes
-(~90 KiB at block_m=64, 4 slots); registers: the fp32 accumulator is
-``block_m / 2`` per thread, a dequantized 64 x 64 half 32 more.
+(int8) or 64 x 64 (int4)) + 2 x 64 x 128 x 2 staging + 64 x block_m x 4 +
+2 x 64 x 32 x 4`` bytes (~100 KiB at block_m=64, 4 slots; ~60 KiB at M <= 16,
+so 3 CTAs fit an SM); registers per compute thread: ``block_m / 2`` fp32
+accumulator values, 64 for a dequantized half tile in fp32, up to 16 per
+scale slab, well under the 232 given to the compute warpgroup.
 """
 
 from __future__ import annotations
