@@ -40,7 +40,7 @@ GPU interpret mode (the CPU tests) does not implement it in jax 0.11.
 
 Budget per CTA (predicted): shared memory ``slots x (block_m x 256 + 64 x 128
 (int8) or 64 x 64 (int4)) + 2 x 64 x 128 x 2 staging + 64 x block_m x 4 +
-2 x 64 x 32 x 4`` bytes (~100 KiB at block_m=64, 4 slots; ~60 KiB at M <= 16,
+2 x 64 x 32 x 4`` bytes (4 slots: ~150 KiB at block_m=64 with int8; ~70 KiB for int4 at M <= 16,
 so 3 CTAs fit an SM); registers per compute thread: ``block_m / 2`` fp32
 accumulator values, 64 for a dequantized half tile in fp32, up to 16 per
 scale slab, well under the 232 given to the compute warpgroup.
