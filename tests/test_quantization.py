@@ -165,6 +165,33 @@ def test_weight_only_kernel_matches_dequantized_reference(variant, m, k, n, bits
     np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=tol)
 
 
+@pytest.mark.parametrize(
+    "variant, bits, symmetric, act_bits, group_size, m",
+    [
+        ("swap", 4, False, None, 128, 16),  # staging double buffer, slabs, 2 splits
+        ("swap", 8, True, 8, None, 8),  # per-channel int32 accumulator, async
+        ("int8", 8, True, 8, 128, 130),  # two compute warpgroups
+    ],
+)
+def test_new_kernels_have_no_races(variant, bits, symmetric, act_bits, group_size, m):
+    """Slots released one wgmma late (async), staging reused every other step."""
+    rng = np.random.default_rng(9)
+    k, n = 1024, 128
+    qw = quantize(weights(k, n), bits=bits, group_size=group_size, symmetric=symmetric)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    f = functools.partial(
+        quantized_matmul,
+        act_bits=act_bits,
+        implementation="mosaic",
+        config=QuantMatmulConfig(k_splits=2, variant=variant),
+    )
+    with testing.gpu_interpret(detect_races=True):
+        got = np.asarray(jax.jit(f)(x, qw), np.float32)
+    assert not testing.races_detected()
+    expected = np.asarray(quantized_matmul(x.astype(jnp.float32), qw, act_bits=act_bits))
+    np.testing.assert_allclose(got, expected, atol=2e-2 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("bits, signed", [(4, False), (8, True), (8, False)])
 def test_bit_trick_dequantization_is_exact_for_every_code(bits, signed):
     """The swap kernel's dequantization (no int-to-float convert, the zero point
