@@ -77,20 +77,45 @@ def test_sharded_attention_with_kernels_lowers(method, window):
     assert ("mosaic_gpu" in exported.mlir_module()) == (method != "ring")
 
 
-@pytest.mark.parametrize("m", [1, 16, 4096])
 @pytest.mark.parametrize(
-    "bits, act_bits, symmetric", [(8, None, True), (4, None, True), (4, None, False), (8, 8, True)]
+    "m, variant",
+    [
+        (1, None),
+        (16, None),
+        (64, None),
+        (4096, None),
+        (1, "legacy"),
+        (16, "legacy"),
+        (4096, "legacy"),
+    ],
+)
+@pytest.mark.parametrize(
+    "bits, act_bits, symmetric, group_size",
+    [
+        (8, None, True, 128),
+        (4, None, True, 128),
+        (4, None, False, 128),
+        (8, 8, True, 128),
+        (8, 8, True, None),  # per-channel W8A8: int32 over the whole K
+    ],
 )
 @pytest.mark.parametrize("k, n", [(4096, 4096), (4096, 14336)])
-def test_quantized_matmul_lowers(m, bits, act_bits, symmetric, k, n):
-    from pallax.pallas_kernels import quantize, quantized_matmul
+def test_quantized_matmul_lowers(m, variant, bits, act_bits, symmetric, group_size, k, n):
+    """Every kernel (None: what the dispatch picks: "swap" up to 64 tokens, then
+    "int8" for W8A8 and "legacy" for weight-only)."""
+    from pallax.pallas_kernels import QuantMatmulConfig, quantize, quantized_matmul
 
     qw = jax.eval_shape(
-        functools.partial(quantize, bits=bits, group_size=128, symmetric=symmetric),
+        functools.partial(quantize, bits=bits, group_size=group_size, symmetric=symmetric),
         jax.ShapeDtypeStruct((k, n), jnp.float32),
     )
     x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-    run = functools.partial(quantized_matmul, act_bits=act_bits, implementation="mosaic")
+    run = functools.partial(
+        quantized_matmul,
+        act_bits=act_bits,
+        implementation="mosaic",
+        config=QuantMatmulConfig(variant=variant),
+    )
     exported = testing.lower_for_cuda(run, x, qw)
     assert "mosaic_gpu" in exported.mlir_module()
 

@@ -92,6 +92,12 @@ def test_sampling_controls():
         (lambda m: quantize_model(m, bits=8), QuantizedWeight, 0.05, 0.35),
         (lambda m: quantize_model(m, bits=4), QuantizedWeight, 0.3, 0.2),
         (lambda m: quantize_model(m, bits=8, act_bits=8), QuantizedWeight, 0.06, 0.35),
+        (  # per-channel W8A8
+            lambda m: quantize_model(m, bits=8, act_bits=8, group_size=None),
+            QuantizedWeight,
+            0.06,
+            0.35,
+        ),
         (lambda m: sparsify_model(m, 0.5), SparseWeight, 0.8, 0.6),
     ],
 )

@@ -101,15 +101,23 @@ def test_decode_attention(num_new, window, rolling, cache_len):
 
 @pytest.mark.parametrize("m", [1, 16, 4096])
 @pytest.mark.parametrize("k, n", [(4096, 4096), (4096, 14336)])
-@pytest.mark.parametrize("bits, act_bits", [(8, None), (4, None), (8, 8)])
-def test_quantized_matmul(m, k, n, bits, act_bits):
+@pytest.mark.parametrize(
+    "bits, act_bits, symmetric, group_size",
+    [(8, None, True, 128), (4, None, True, 128), (4, None, False, 128), (8, 8, True, 128)]
+    + [(8, 8, True, None)],  # per-channel W8A8
+)
+@pytest.mark.parametrize("variant", [None, "legacy"])  # None: the kernel the dispatch picks
+def test_quantized_matmul(m, k, n, bits, act_bits, symmetric, group_size, variant):
+    from pallax.pallas_kernels import QuantMatmulConfig
+
     rng = np.random.default_rng(2)
     w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.float32)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    qw = quantize(w, bits=bits)
+    qw = quantize(w, bits=bits, group_size=group_size, symmetric=symmetric)
+    config = QuantMatmulConfig(variant=variant)
     run = jax.jit(
         lambda x, qw, implementation: quantized_matmul(
-            x, qw, act_bits=act_bits, implementation=implementation
+            x, qw, act_bits=act_bits, implementation=implementation, config=config
         ),
         static_argnums=2,
     )

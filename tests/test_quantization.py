@@ -18,6 +18,7 @@ from pallax.pallas_kernels import (
     quantize_activations,
     quantized_matmul,
 )
+from pallax.pallas_kernels import quantized_matmul_swap_mgpu as swap_mgpu
 
 
 def weights(k, n, seed=0, scale=0.05):
@@ -78,40 +79,160 @@ def run_mosaic(x, qw, act_bits, config=None):
         return jax.jit(f)(x, qw)
 
 
-def test_w8a8_kernel_equals_int32_dot_rescaled():
-    """Per-channel W8A8: y = s_x * s_w * (q_x . q_w) exactly, int32 accumulation."""
+@pytest.mark.parametrize(
+    "variant, m, k_splits",
+    [("legacy", 70, 2), ("swap", 70, 2), ("swap", 5, 2), ("int8", 130, 1), (None, 70, 2)],
+)
+def test_w8a8_kernel_equals_int32_dot_rescaled(variant, m, k_splits):
+    """Per-channel W8A8: y = s_x * s_w * (q_x . q_w) exactly, int32 accumulation
+    (swap and int8 kernels: one int32 accumulator over each split's whole K)."""
     rng = np.random.default_rng(3)
-    m, k, n = 70, 384, 200
+    k, n = 384, 200
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
-    qw = quantize(weights(k, n), bits=8, group_size=k)
+    qw = quantize(weights(k, n), bits=8, group_size=None)
+    assert qw.group_size == k and qw.scales.shape == (256, 1)
     qx, sx = quantize_activations(x)
     w_int = np.asarray(qw.values)[:n, :k].T
     int_dot = jnp.dot(qx, jnp.asarray(w_int), preferred_element_type=jnp.int32)
     expected = np.asarray(int_dot, np.float64) * np.asarray(sx) * np.asarray(qw.scales)[:n, 0]
-    got = run_mosaic(x, qw, 8, QuantMatmulConfig(k_splits=2))
+    got = run_mosaic(x, qw, 8, QuantMatmulConfig(k_splits=k_splits, variant=variant))
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)
     ref = quantized_matmul(x, qw, act_bits=8, implementation="xla")
     np.testing.assert_allclose(np.asarray(ref), expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(
-    "m, k, n, bits, symmetric, dtype",
+    "variant, dtype, k_splits",
     [
-        (1, 512, 256, 4, True, jnp.bfloat16),  # decode, W4A16
-        (5, 300, 200, 8, True, jnp.bfloat16),  # odd K and N, W8A16
-        (70, 256, 130, 4, False, jnp.float16),  # asymmetric int4, fp16
-        (3, 384, 128, 8, False, jnp.float32),  # fp32 input computes in bf16
+        ("legacy", jnp.float32, 2),
+        ("swap", jnp.float32, 2),
+        ("int8", jnp.float32, 2),
+        ("int8", jnp.bfloat16, 1),  # bf16 written by the kernel itself
     ],
 )
-def test_weight_only_kernel_matches_dequantized_reference(m, k, n, bits, symmetric, dtype):
+def test_group_wise_w8a8_kernel_equals_the_int32_reference(variant, dtype, k_splits):
+    """Group-wise W8A8 (the int8 kernel converts each block's int32 sum with the
+    magic-number add, not a convert instruction)."""
+    rng = np.random.default_rng(8)
+    m, k, n = 9, 512, 192
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    qw = quantize(weights(k, n), bits=8, group_size=128)
+    got = run_mosaic(x, qw, 8, QuantMatmulConfig(k_splits=k_splits, variant=variant))
+    assert got.dtype == dtype
+    ref = quantized_matmul(x.astype(jnp.float32), qw, act_bits=8, implementation="xla")
+    rtol = 1e-5 if dtype == jnp.float32 else 2**-8
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref), rtol=rtol, atol=1e-4)
+
+
+def test_small_int32_to_float_is_exact_below_2_to_the_22():
+    from pallax.pallas_kernels import quantized_matmul_int8_mgpu as int8_mgpu
+
+    edge = 2**22 - 1
+    acc = jnp.asarray([0, 1, -1, 127 * 127 * 128, -127 * 127 * 128, edge, -edge, 12345], jnp.int32)
+    got = int8_mgpu.small_int32_to_float(acc)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(acc, np.float32))
+
+
+WEIGHT_ONLY_CASES = [
+    (1, 512, 256, 4, True, jnp.bfloat16),  # decode, W4A16
+    (5, 300, 200, 8, True, jnp.bfloat16),  # odd K and N, W8A16
+    (16, 2048, 130, 4, False, jnp.float16),  # asymmetric int4 (zero points), fp16, 2 slabs
+    (3, 384, 128, 8, False, jnp.float32),  # asymmetric int8; fp32 input computes in bf16
+]
+
+
+@pytest.mark.parametrize(
+    "variant, m, k, n, bits, symmetric, dtype",
+    [("swap", *case) for case in WEIGHT_ONLY_CASES]
+    + [
+        ("legacy", 1, 512, 256, 4, True, jnp.bfloat16),
+        ("legacy", 70, 256, 130, 4, False, jnp.float16),
+    ]
+    + [(None, 70, 256, 130, 8, True, jnp.bfloat16)],  # > 64 tokens: the legacy kernel
+)
+def test_weight_only_kernel_matches_dequantized_reference(variant, m, k, n, bits, symmetric, dtype):
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)
     qw = quantize(weights(k, n), bits=bits, group_size=128, symmetric=symmetric)
-    got = run_mosaic(x, qw, None, QuantMatmulConfig(k_splits=2))
-    dense = np.asarray(x, np.float32) @ np.asarray(qw.dequantize())
-    tol = 3e-2 * np.abs(dense).max()
-    np.testing.assert_allclose(np.asarray(got, np.float32), dense, atol=tol)
+    got = run_mosaic(x, qw, None, QuantMatmulConfig(k_splits=2, variant=variant))
     assert got.dtype == dtype and got.shape == (m, n)
+    # Both kernels round the dequantized weight (and x) to the compute dtype
+    # once; what is left is accumulation order and the output's rounding.
+    compute = jnp.float16 if dtype == jnp.float16 else jnp.bfloat16
+    x_c = np.asarray(x.astype(compute), np.float32)
+    expected = x_c @ np.asarray(qw.dequantize(compute), np.float32)
+    tol = 5e-3 * np.abs(expected).max()
+    np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "variant, bits, symmetric, act_bits, group_size, m",
+    [
+        ("swap", 4, False, None, 128, 16),  # staging double buffer, slabs, 2 splits
+        ("swap", 8, True, 8, None, 8),  # per-channel int32 accumulator, async
+        ("int8", 8, True, 8, 128, 130),  # two compute warpgroups
+    ],
+)
+def test_new_kernels_have_no_races(variant, bits, symmetric, act_bits, group_size, m):
+    """Slots released one wgmma late (async), staging reused every other step."""
+    rng = np.random.default_rng(9)
+    k, n = 1024, 128
+    qw = quantize(weights(k, n), bits=bits, group_size=group_size, symmetric=symmetric)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    f = functools.partial(
+        quantized_matmul,
+        act_bits=act_bits,
+        implementation="mosaic",
+        config=QuantMatmulConfig(k_splits=2, variant=variant),
+    )
+    with testing.gpu_interpret(detect_races=True):
+        got = np.asarray(jax.jit(f)(x, qw), np.float32)
+    assert not testing.races_detected()
+    expected = np.asarray(quantized_matmul(x.astype(jnp.float32), qw, act_bits=act_bits))
+    np.testing.assert_allclose(got, expected, atol=2e-2 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("bits, signed", [(4, False), (8, True), (8, False)])
+def test_bit_trick_dequantization_is_exact_for_every_code(bits, signed):
+    """The swap kernel's dequantization (no int-to-float convert, the zero point
+    folded into one FMA) equals ``(raw - z) * s`` for every stored integer."""
+    if bits == 4:  # every byte: low nibble, high nibble
+        stored = np.arange(256)
+        codes = [stored & 15, stored >> 4]
+        zero = np.asarray([[0.0, 8.0, 3.0, 15.0]])
+    else:
+        stored = np.arange(-128, 128) if signed else np.arange(256)
+        codes = [stored + 128] if signed else [stored]
+        zero = np.asarray([[128.0] * 4]) if signed else np.asarray([[0.0, 8.0, 128.0, 255.0]])
+    s = np.asarray([[1.0, 0.0123, 3.7e-4, 2.5]], np.float32)
+    raw = jnp.broadcast_to(jnp.asarray(stored, jnp.int32)[:, None], (256, 4))
+    mult = jnp.asarray(2 * s)
+    bias = jnp.asarray(-(256.0 + zero) * s, jnp.float32)
+    patterns = swap_mgpu.magic_patterns(raw, bits, signed)
+    for pattern, code in zip(patterns, codes, strict=True):
+        expected = (code[:, None] - zero) * s.astype(np.float64)
+        got = swap_mgpu.dequantize_patterns(pattern, mult, bias, jnp.float32)
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-5 * s.max())
+        got_bf16 = swap_mgpu.dequantize_patterns(pattern, mult, bias, jnp.bfloat16)
+        np.testing.assert_array_equal(
+            np.asarray(got_bf16, np.float32),
+            np.asarray(jnp.asarray(expected, jnp.float32).astype(jnp.bfloat16), np.float32),
+        )
+
+
+def test_dispatch_picks_the_swap_kernel_for_few_tokens():
+    config = QuantMatmulConfig()
+    assert [config.variant_for(m) for m in (1, 16, 64, 65, 4096)] == ["swap"] * 3 + ["legacy"] * 2
+    assert config.variant_for(64, w8a8=True) == "swap"
+    assert config.variant_for(4096, w8a8=True) == "int8"
+    with pytest.raises(ValueError, match="variant='int8' is the W8A8 kernel"):
+        QuantMatmulConfig(variant="int8").variant_for(4096)
+    assert QuantMatmulConfig(variant="legacy").variant_for(1) == "legacy"
+    assert QuantMatmulConfig(swap_max_tokens=0).variant_for(1) == "legacy"
+    with pytest.raises(ValueError, match="variant='fast' must be one of"):
+        QuantMatmulConfig(variant="fast")
+    with pytest.raises(ValueError, match="block_m=12 must be a multiple of 8"):
+        QuantMatmulConfig(block_m=12)
 
 
 def test_gradient_flows_to_x_only():

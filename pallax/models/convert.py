@@ -85,13 +85,18 @@ def quantize_model(
     method: str = "rtn",
     *,
     calibration=None,
-    group_size: int = 128,
+    group_size: int | None = 128,
     lkd_steps: int = 100,
     layers: LayerFilter | None = None,
 ) -> nnx.Module:
     """Quantizes the selected Linears in place: ``method="rtn"`` (round to
     nearest) or ``"lkd"`` (ZeroQuant layer-wise distillation on the
-    ``calibration`` tokens' activations). ``act_bits=8`` makes them W8A8."""
+    ``calibration`` tokens' activations). ``act_bits=8`` makes them W8A8.
+
+    ``group_size=None``: per-channel scales (one group spans the inputs), with
+    which the W8A8 kernels accumulate the whole K in int32 and scale once per
+    output tile; the default, groups of 128, is more accurate where a few
+    input channels carry outliers and is what W8A8 uses unless asked."""
     if method not in ("rtn", "lkd"):
         raise ValueError(f"method must be 'rtn' or 'lkd', got {method!r}")
     if act_bits not in (None, 8):
@@ -103,7 +108,10 @@ def quantize_model(
     for _, layer in selected:
         w = layer.kernel.get_value()
         k = w.shape[0]
-        group = group_size if k % group_size == 0 or k > group_size else k
+        if group_size is None:
+            group = None
+        else:
+            group = group_size if k % group_size == 0 or k > group_size else k
         if inputs is not None:
             quantized = lkd(w, inputs[id(layer)], bits=bits, group_size=group, steps=lkd_steps)
         else:

@@ -31,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallax.pallas_kernels import _tuning
+from pallax.pallas_kernels import quantized_matmul_int8_mgpu as int8_mgpu
 from pallax.pallas_kernels import quantized_matmul_mgpu as mgpu
+from pallax.pallas_kernels import quantized_matmul_swap_mgpu as swap_mgpu
 from pallax.pallas_kernels._dispatch import (
     Implementation,
     choose_implementation,
@@ -156,16 +158,19 @@ def _encode(w_t, scales, zeros, bits, group_size):
 
 
 def quantize(
-    w: jax.Array, bits: int = 8, group_size: int = 128, symmetric: bool = True
+    w: jax.Array, bits: int = 8, group_size: int | None = 128, symmetric: bool = True
 ) -> QuantizedWeight:
     """Round-to-nearest group-wise quantization of ``w [in_features, out_features]``.
 
-    Groups run along ``in_features`` (the contraction dim); ``group_size`` may
-    also be ``in_features`` rounded up to 128 for per-channel scales.
+    Groups run along ``in_features`` (the contraction dim). ``group_size=None``
+    gives per-channel scales (one group: ``in_features`` rounded up to 128),
+    with which W8A8 accumulates the whole K in int32 and scales once.
     """
-    _check_bits(bits, group_size)
     if w.ndim != 2:
         raise ValueError(f"quantize expects a 2D [in_features, out_features] weight, got {w.shape}")
+    if group_size is None:
+        group_size = _round_up(w.shape[0], PACK_BLOCK)
+    _check_bits(bits, group_size)
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise ValueError(f"quantize expects a floating-point weight, got {w.dtype}")
     k, n = w.shape
@@ -248,14 +253,25 @@ def _mosaic_matmul(x, qw, act_bits, config):
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     kp = qw.padded_in_features
+    config = config or mgpu.QuantMatmulConfig()
+    variant = config.variant_for(x2.shape[0], w8a8=act_bits == 8)
+    if variant == "swap":
+        kernel = functools.partial(swap_mgpu.matmul, config=config.swap_config())
+    elif variant == "int8":
+        out_dtype = jnp.float32 if x.dtype == jnp.float32 else x.dtype
+        kernel = functools.partial(
+            int8_mgpu.matmul, out_dtype=out_dtype, config=config.int8_config()
+        )
+    else:
+        kernel = functools.partial(mgpu.matmul, config=config)
     if act_bits == 8:
         xq, sx = quantize_activations(x2)
         xq = jnp.pad(xq, ((0, 0), (0, kp - k)))
-        y = mgpu.matmul(xq, qw, x_scale=sx[:, 0], config=config)
+        y = kernel(xq, qw, x_scale=sx[:, 0])
     else:
         compute_dtype = jnp.float16 if x.dtype == jnp.float16 else jnp.bfloat16
         x2 = jnp.pad(x2.astype(compute_dtype), ((0, 0), (0, kp - k)))
-        y = mgpu.matmul(x2, qw, config=config)
+        y = kernel(x2, qw)
     return y[:, : qw.out_features].astype(x.dtype).reshape(*lead, qw.out_features)
 
 
@@ -325,7 +341,7 @@ def lkd(
     calibration: jax.Array,
     *,
     bits: int = 8,
-    group_size: int = 128,
+    group_size: int | None = 128,
     symmetric: bool = True,
     steps: int = 100,
     learning_rate: float = 1e-5,
@@ -342,6 +358,7 @@ def lkd(
     import optax
 
     start = quantize(w, bits, group_size, symmetric)
+    group_size = start.group_size  # None (per-channel) resolved
     x = calibration.reshape(-1, calibration.shape[-1]).astype(jnp.float32)
     teacher = x @ w.astype(jnp.float32)
     k, n = w.shape

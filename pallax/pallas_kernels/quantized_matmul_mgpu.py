@@ -29,17 +29,37 @@ from jax import lax
 
 from pallax.pallas_kernels import _mgpu
 from pallax.pallas_kernels._mgpu import Stream, cdiv, mma
+from pallax.pallas_kernels.quantized_matmul_int8_mgpu import Int8Config
+from pallax.pallas_kernels.quantized_matmul_swap_mgpu import SwapConfig
 
 BLOCK_M = 64
 BLOCK_K = 128  # == quantization.PACK_BLOCK
 
 
+VARIANTS = ("legacy", "swap", "int8")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantMatmulConfig:
+    """Which kernel and its tiles.
+
+    ``variant``: "legacy" (this file: 64-token x ``block_n`` output tiles, the
+    weight as the wgmma B operand), "swap" (``quantized_matmul_swap_mgpu``:
+    ``y^T = W^T x^T``, 64 weight rows x ``block_m`` tokens), "int8" (W8A8
+    only, ``quantized_matmul_int8_mgpu``: 128 x ``block_n`` tiles, two compute
+    warpgroups), or None: "swap" when M <= ``swap_max_tokens`` (decode: no
+    token padding to 64, small split-K partials); above it "int8" for W8A8
+    and "legacy" for weight-only. ``block_n`` applies to "legacy" and "int8",
+    ``block_m`` to "swap"; the others to all.
+    """
+
     block_n: int = 128
     max_concurrent_steps: int = 4
     k_splits: int | None = None  # None: aim for ``target_ctas`` CTAs.
     target_ctas: int = 264
+    variant: str | None = None
+    block_m: int | None = None  # "swap": tokens per CTA (None: M rounded up to 8, <= 64)
+    swap_max_tokens: int = 64
 
     def __post_init__(self):
         if self.block_n not in (64, 128, 256):
@@ -48,6 +68,35 @@ class QuantMatmulConfig:
             raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 2")
         if self.k_splits is not None and self.k_splits < 1:
             raise ValueError(f"k_splits={self.k_splits} must be >= 1")
+        if self.variant not in (None, *VARIANTS):
+            raise ValueError(f"variant={self.variant!r} must be one of {VARIANTS} or None")
+        if self.swap_max_tokens < 0:
+            raise ValueError(f"swap_max_tokens={self.swap_max_tokens} must be >= 0")
+        self.swap_config()  # validates block_m
+
+    def variant_for(self, m: int, w8a8: bool = False) -> str:
+        if self.variant == "int8" and not w8a8:
+            raise ValueError("variant='int8' is the W8A8 kernel; it needs act_bits=8")
+        if self.variant:
+            return self.variant
+        if m <= self.swap_max_tokens:
+            return "swap"
+        return "int8" if w8a8 else "legacy"
+
+    def int8_config(self) -> Int8Config:
+        return Int8Config(
+            block_n=self.block_n,
+            max_concurrent_steps=self.max_concurrent_steps,
+            k_splits=self.k_splits,
+        )
+
+    def swap_config(self) -> SwapConfig:
+        return SwapConfig(
+            block_m=self.block_m,
+            max_concurrent_steps=self.max_concurrent_steps,
+            k_splits=self.k_splits,
+            target_ctas=self.target_ctas,
+        )
 
     def splits_for(self, output_tiles: int, k_blocks: int) -> int:
         if self.k_splits is not None:
