@@ -195,8 +195,10 @@ def generate(
     if (
         isinstance(prompt_tokens, (list, tuple))
         and prompt_tokens
-        and isinstance(prompt_tokens[0], (list, tuple, np.ndarray))
+        and any(isinstance(p, (list, tuple, np.ndarray)) for p in prompt_tokens)
     ):
+        if not all(isinstance(p, (list, tuple, np.ndarray)) for p in prompt_tokens):
+            raise ValueError("prompt_tokens mixes token lists and single tokens")
         lengths = [len(p) for p in prompt_tokens]
         if prompt_lengths is not None and list(np.asarray(prompt_lengths).ravel()) != lengths:
             raise ValueError(
