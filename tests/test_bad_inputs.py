@@ -795,3 +795,125 @@ def test_cli_user_error_exits_2_with_one_line(name, argv, match, cli_files, chec
     assert lines[0].startswith(f"pallax {expanded[0]}: error:"), err
     assert __import__("re").search(match, lines[0]), err
     assert not (cli_files / "absent").exists() and not (cli_files / "nope").exists()
+
+
+# --------------------------------------------------------------------------------------
+# Contracts that need data: decode lengths under jit, dtypes on CPU, the self-check deadline.
+# --------------------------------------------------------------------------------------
+
+
+def test_decode_lengths_under_jit_are_checked_with_checkify():
+    from jax.experimental import checkify
+
+    step = jax.jit(lambda lengths: decode_attention(DQ, DK, DK, lengths, debug_checks=True))
+    err, _ = checkify.checkify(step)(jnp.array([0, 3]))
+    assert "lengths must be in [1, 8]" in err.get()
+    err, out = checkify.checkify(step)(jnp.array([1, 8]))
+    assert err.get() is None and out.shape == DQ.shape
+    # Without debug_checks jit stays check-free; out-of-contract rows see no key: zeros.
+    out = jax.jit(lambda n: decode_attention(DQ, DK, DK, n))(jnp.array([0, 3]))
+    assert np.all(np.asarray(out[0]) == 0) and np.all(np.asarray(out[1]) != 0)
+
+
+DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32]
+DTYPE_TOL = {jnp.float16: 2e-2, jnp.bfloat16: 6e-2, jnp.float32: 1e-5}
+
+
+def close(got, want, dtype):
+    tol = DTYPE_TOL[dtype]
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol * 4, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_every_public_op_runs_in_each_dtype_on_cpu(dtype, jit):
+    """fp16 crashed the XLA attention path on CPU (an F16_F16_F32 dot algorithm)."""
+    run = jax.jit if jit else (lambda f, **_: f)
+    q, k, v = (x.astype(dtype) for x in qkv(q_len=8, kv_len=8, heads=4, kv_heads=2))
+    want = jax.nn.dot_product_attention(
+        *(x.astype(jnp.float32) for x in (q, k, v)), is_causal=True, local_window_size=(3, 0)
+    )
+    got = run(lambda a, b, c: dot_product_attention(a, b, c, is_causal=True, local_window_size=3))(
+        q, k, v
+    )
+    assert got.dtype == dtype
+    close(got, want, dtype)
+
+    lengths = jnp.array([8])
+    got = run(lambda a, b, c: decode_attention(a, b, c, lengths))(q[:, -1:], k, v)
+    assert got.dtype == dtype
+    last = jax.nn.dot_product_attention(*(x.astype(jnp.float32) for x in (q[:, -1:], k, v)))
+    close(got, last, dtype)
+
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 128)), dtype)
+    dense = jnp.asarray(W)
+    for weight, act_bits in ((quantize(dense), None), (quantize(dense, 4), None), (QW, 8)):
+        got = run(lambda a, w=weight, b=act_bits: quantized_matmul(a, w, act_bits=b))(x)
+        assert got.dtype == dtype
+        want = np.asarray(x, np.float32) @ np.asarray(weight.dequantize())
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0.1, atol=0.6)
+    got = run(lambda a: sparse_matmul(a, SW))(x)
+    assert got.dtype == dtype
+    close(got / 8, np.asarray(x, np.float32) @ np.asarray(SW.todense()) / 8, dtype)
+    got = run(lambda a: linear(a, dense))(x)
+    close(got / 8, np.asarray(x, np.float32) @ W / 8, dtype)
+    assert quantize(dense.astype(dtype)).dequantize().shape == W.shape
+    assert sparsify(np.asarray(dense.astype(dtype)), 0.5).values.dtype == dtype
+    assert run(lambda w: fake_quantize(w))(dense.astype(dtype)).dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_model_forward_and_generate_in_each_dtype_on_cpu(dtype):
+    config = dataclasses.replace(TINY, dtype=dtype)
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    logits = model(jnp.array([[1, 2, 3, 4]]))
+    assert np.isfinite(np.asarray(logits)).all()
+    out = generate(model, [[1, 2, 3]], 3)
+    assert out.shape == (1, 3) and int(out.max()) < config.vocab_size
+
+
+def test_sparse_self_check_hang_falls_back_with_a_warning(monkeypatch):
+    """A kernel that never returns must not hang the first sparse_matmul."""
+    import threading
+
+    from pallax.pallas_kernels import sparse
+
+    release = threading.Event()
+    monkeypatch.setattr(sparse, "_self_check_products", lambda: release.wait(60) and None)
+    monkeypatch.setenv("PALLAX_SELF_CHECK_TIMEOUT", "0.2")
+    sparse._mosaic_self_check.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="did not finish its self-check within 0.2 s"):
+            assert sparse._mosaic_self_check() is False
+        # Cached: later calls neither wait nor warn again.
+        assert sparse._mosaic_self_check() is False
+        # An exception inside the check is a reason too, not a crash.
+        assert "raised RuntimeError" in sparse._with_deadline(
+            lambda: (_ for _ in ()).throw(RuntimeError("boom")), 5.0
+        )
+        assert sparse._with_deadline(lambda: None, 5.0) is None
+    finally:
+        release.set()
+        sparse._mosaic_self_check.cache_clear()
+
+
+def test_automatic_dispatch_uses_the_deadline(monkeypatch):
+    """On a (pretend) Hopper a hanging self-check sends sparse_matmul to XLA."""
+    from pallax.pallas_kernels import _dispatch, sparse
+
+    release = __import__("threading").Event()
+    monkeypatch.setattr(_dispatch, "on_hopper", lambda: True)
+    monkeypatch.setattr(sparse, "_self_check_products", lambda: release.wait(60) and None)
+    monkeypatch.setenv("PALLAX_SELF_CHECK_TIMEOUT", "0.2")
+    sparse._mosaic_self_check.cache_clear()
+    try:
+        x = jnp.ones((2, 128), jnp.bfloat16)
+        with pytest.warns(UserWarning, match="using XLA"):
+            got = sparse_matmul(x, SW)
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32),
+            np.asarray(sparse.sparse_matmul_reference(x, SW), np.float32),
+        )
+    finally:
+        release.set()
+        sparse._mosaic_self_check.cache_clear()
