@@ -146,7 +146,7 @@ def test_config_validation():
         TransformerConfig(num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="layer_windows has 1 entries for 4 layers"):
         TransformerConfig(layer_windows=(4,))
-    with pytest.raises(ValueError, match="sliding windows must be >= 1"):
+    with pytest.raises(ValueError, match="sliding_window must be >= 1"):
         TransformerConfig(sliding_window=0)
 
 
