@@ -51,10 +51,18 @@ def check_float(
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    if minimum is not None and (value <= minimum if open_min else value < minimum):
-        raise ValueError(f"{name} must be {'>' if open_min else '>='} {minimum}, got {value}")
-    if maximum is not None and (value >= maximum if open_max else value > maximum):
-        raise ValueError(f"{name} must be {'<' if open_max else '<='} {maximum}, got {value}")
+    below = minimum is not None and (value <= minimum if open_min else value < minimum)
+    above = maximum is not None and (value >= maximum if open_max else value > maximum)
+    if below or above:
+        if minimum is not None and maximum is not None:
+            interval = (
+                f"in {'(' if open_min else '['}{minimum}, {maximum}{')' if open_max else ']'}"
+            )
+        elif minimum is not None:
+            interval = f"{'>' if open_min else '>='} {minimum}"
+        else:
+            interval = f"{'<' if open_max else '<='} {maximum}"
+        raise ValueError(f"{name} must be {interval}, got {value}")
     return value
 
 

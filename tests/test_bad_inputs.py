@@ -197,7 +197,7 @@ for name, make, match in ATTENTION_BAD_ARRAYS:
 DQ = jnp.ones((2, 1, 2, 16), jnp.float32)
 DK = jnp.ones((2, 8, 1, 16), jnp.float32)
 DECODE_BAD = [
-    ("zero-length", dict(lengths=jnp.array([0, 3])), r"lengths\[0\]=0"),
+    ("length-below-num-new", dict(lengths=jnp.array([3, 1])), r"lengths\[1\]=1"),
     ("negative-length", dict(lengths=jnp.array([3, -1])), r"lengths\[1\]=-1"),
     ("length-past-cache", dict(lengths=jnp.array([9, 3])), r"lengths\[0\]=9"),
     ("float-lengths", dict(lengths=jnp.array([1.0, 2.0])), "integer"),
@@ -806,13 +806,18 @@ def test_decode_lengths_under_jit_are_checked_with_checkify():
     from jax.experimental import checkify
 
     step = jax.jit(lambda lengths: decode_attention(DQ, DK, DK, lengths, debug_checks=True))
-    err, _ = checkify.checkify(step)(jnp.array([0, 3]))
-    assert "lengths must be in [1, 8]" in err.get()
+    for bad in ([-1, 3], [3, 9]):
+        err, _ = checkify.checkify(step)(jnp.array(bad))
+        assert "lengths must be 0 or in [1, 8]" in err.get()
     err, out = checkify.checkify(step)(jnp.array([1, 8]))
     assert err.get() is None and out.shape == DQ.shape
-    # Without debug_checks jit stays check-free; out-of-contract rows see no key: zeros.
-    out = jax.jit(lambda n: decode_attention(DQ, DK, DK, n))(jnp.array([0, 3]))
+    # Without debug_checks jit stays check-free; a negative length sees no key: zeros.
+    out = jax.jit(lambda n: decode_attention(DQ, DK, DK, n))(jnp.array([-1, 3]))
     assert np.all(np.asarray(out[0]) == 0) and np.all(np.asarray(out[1]) != 0)
+    # Length 0 is the documented empty row, eager and traced: zeros, no error.
+    err, out = checkify.checkify(step)(jnp.array([0, 3]))
+    assert err.get() is None and np.all(np.asarray(out[0]) == 0)
+    assert np.all(np.asarray(decode_attention(DQ, DK, DK, jnp.array([0, 3]))[0]) == 0)
 
 
 DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32]

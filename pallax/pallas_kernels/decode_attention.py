@@ -34,35 +34,31 @@ def _left_window(local_window_size, cache_len: int) -> int:
 
 
 def check_lengths(lengths, *, num_new: int, cache_len: int, rolling: bool, debug_checks: bool):
-    """The ``lengths`` contract: ``num_new <= lengths[b]`` (every new token has a
-    position >= 0) and, unless the cache is a ring, ``lengths[b] <= cache_len``.
+    """The ``lengths`` contract: each row is either empty (``0``: an unused
+    batch slot, whose output is zeros) or holds its new tokens, ``num_new <=
+    lengths[b]``, and, unless the cache is a ring, fits it: ``lengths[b] <= cache_len``.
 
     Concrete lengths are checked here (one host read of ``[batch]`` ints).
     Under jit they are data the caller owns: ``debug_checks=True`` adds
     ``checkify`` checks instead, reported by wrapping the jitted function in
-    ``checkify.checkify`` (they are not free, so they are off by default).
-    Out-of-contract rows are not undefined: positions < 0 see no key and
-    give zeros, positions past a flat cache see only the cache.
+    ``checkify.checkify`` (off by default: not free, and plain jit rejects them).
     """
     upper = None if rolling else cache_len
-    bound = f"[{num_new}, {upper}]" if upper is not None else f">= {num_new}"
+    bound = f"0 or in [{num_new}, {upper}]" if upper is not None else f"0 or >= {num_new}"
+    context = f"(num_new={num_new}, cache_len={cache_len}, rolling={rolling})"
     if is_concrete(lengths):
         host = np.asarray(lengths)
-        bad = (host < num_new) | (host > upper if upper is not None else False)
+        bad = (host != 0) & ((host < num_new) | (host > upper if upper is not None else False))
         if bad.any():
             row = int(np.argmax(bad))
-            raise ValueError(
-                f"lengths[{row}]={int(host[row])} must be in {bound} "
-                f"(num_new={num_new}, cache_len={cache_len}, rolling={rolling})"
-            )
+            raise ValueError(f"lengths[{row}]={int(host[row])} must be {bound} {context}")
     elif debug_checks:
         ok = lengths >= num_new
         if upper is not None:
             ok &= lengths <= upper
         checkify.check(
-            jnp.all(ok),
-            f"decode_attention: lengths must be in {bound} (num_new={num_new}, "
-            f"cache_len={cache_len}); got {{lengths}}",
+            jnp.all(ok | (lengths == 0)),
+            f"decode_attention: lengths must be {bound} {context}; got {{lengths}}",
             lengths=lengths,
         )
 
@@ -99,7 +95,8 @@ def decode_attention(
       key_cache, value_cache: ``[batch, cache_len, num_kv_heads, head_dim]``,
         already holding the new tokens' keys/values.
       lengths: ``[batch]`` int32, valid positions per sequence (new tokens included),
-        in ``[num_new, cache_len]`` (``>= num_new`` for a rolling cache). Checked
+        ``0`` (an unused row: zeros) or in ``[num_new, cache_len]`` (``>= num_new``
+        for a rolling cache). Checked
         when concrete; under jit only with ``debug_checks`` (see :func:`check_lengths`).
       local_window_size: ``left`` or ``(left, 0)``: a token sees positions
         ``[pos - left, pos]``.
