@@ -197,7 +197,7 @@ for name, make, match in ATTENTION_BAD_ARRAYS:
 DQ = jnp.ones((2, 1, 2, 16), jnp.float32)
 DK = jnp.ones((2, 8, 1, 16), jnp.float32)
 DECODE_BAD = [
-    ("length-below-num-new", dict(lengths=jnp.array([3, 1])), r"lengths\[1\]=1"),
+    ("huge-length", dict(lengths=jnp.array([3, 2**31 - 1])), r"lengths\[1\]=2147483647"),
     ("negative-length", dict(lengths=jnp.array([3, -1])), r"lengths\[1\]=-1"),
     ("length-past-cache", dict(lengths=jnp.array([9, 3])), r"lengths\[0\]=9"),
     ("float-lengths", dict(lengths=jnp.array([1.0, 2.0])), "integer"),
@@ -503,6 +503,25 @@ def nan_model_quantize():
     quantize_model(model, 8)
 
 
+case("transformer-config-type", lambda: Transformer({"vocab_size": 8}, rngs=nnx.Rngs(0)), "config")
+case("generate-model-type", lambda: generate(TINY, PROMPT, 2), "Transformer")
+case(
+    "shard-model-mesh-type",
+    lambda: __import__("pallax").models.shard_model(MODEL, "data=2"),
+    "mesh",
+)
+
+
+def trainer(**kwargs):
+    from pallax.train import Trainer
+
+    config = TrainConfig(model=dataclasses.replace(TINY, vocab_size=256), seq_len=16)
+    return Trainer(kwargs.pop("config", config), progress=False, **kwargs)
+
+
+case("trainer-config-type", lambda: trainer(config={"steps": 3}), "TrainConfig")
+case("trainer-float-tokens", lambda: trainer(tokens=np.ones(10000) * 1.5), "integer")
+case("trainer-token-range", lambda: trainer(tokens=np.full(10000, 300)), "vocab_size")
 case("quantize-model-inf-named", nan_model_quantize, r"blocks\.0\.mlp\.up_proj.*\[3, 4\]")
 
 

@@ -180,6 +180,8 @@ def generate(
     Returns:
       ``[batch, max_new_tokens]`` int32 new tokens.
     """
+    if not isinstance(model, Transformer):
+        raise ValueError(f"model must be a pallax Transformer, got {type(model).__name__}")
     vocab = model.config.vocab_size
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
     temperature = check_float("temperature", temperature, minimum=0.0)

@@ -313,6 +313,8 @@ class Transformer(nnx.Module):
     """``tokens [B, T] int32 -> logits [B, T, vocab] float32``."""
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        if not isinstance(config, TransformerConfig):
+            raise ValueError(f"config must be a TransformerConfig, got {type(config).__name__}")
         self.config = config
         self.embed = _param(rngs, (config.vocab_size, config.embed_dim), ("vocab", "embed"), 1.0)
         self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.num_layers)])
@@ -390,6 +392,8 @@ def shard_model(model: nnx.Module, mesh) -> nnx.Module:
     linears are repacked per tensor shard (``split_sparse``), their values
     split over ``fsdp`` and gathered per layer (ZeRO-3), as dense weights are.
     """
+    if not isinstance(mesh, jax.sharding.Mesh) or set(mesh.axis_names) != set(ps.AXES):
+        raise ValueError(f"mesh must be a pallax.sharding.make_mesh() Mesh, got {mesh!r}")
     tensor, fsdp = mesh.shape[ps.TENSOR], mesh.shape[ps.FSDP]
 
     def place(w, specs):
