@@ -741,6 +741,8 @@ def test_load_model_missing_step(checkpoint_dir):
 # --------------------------------------------------------------------------------------
 
 CLI_CASES = [
+    ("demo-steps-0", ["demo", "--steps", "0", "--out", "{tmp}/demo"], "steps"),
+    ("demo-preset", ["demo", "--preset", "huge", "--out", "{tmp}/demo"], "preset"),
     ("set-steps-word", ["train", "--set", "steps=ten"], "steps"),
     ("set-unknown", ["train", "--set", "stepz=3"], "stepz"),
     ("set-model-kv-0", ["train", "--set", "model.num_kv_heads=0"], "num_kv_heads"),
