@@ -163,8 +163,9 @@ def _tensor_files(path: Path) -> dict[str, Path]:
         if not isinstance(weight_map, dict):
             raise ValueError(f"safetensors index {str(index)!r} has no 'weight_map' object")
         files = {name: path / file for name, file in weight_map.items()}
-        for file in set(files.values()):
-            _open_safetensors(file).__exit__(None, None, None)  # named errors up front
+        for file in sorted(set(files.values())):
+            with _open_safetensors(file):  # damaged or missing files named up front
+                pass
         return files
     single = path / "model.safetensors"
     if not single.exists():
