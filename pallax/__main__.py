@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+# What a user can cause (bad flags, values, files): reported in one line, exit
+# status 2. Library code raises ValueError for bad values (UnicodeDecodeError and
+# JSONDecodeError are ValueErrors too), OSError for files. Anything else is a bug
+# and keeps its traceback. PALLAX_TRACEBACK=1 shows the traceback for these too.
+USER_ERRORS = (ValueError, OSError, ImportError)
 
 BENCHMARKS = ("attention", "quant_matmul", "spmm", "generation", "sequence_parallel", "train")
 
@@ -187,6 +194,13 @@ def _convert(args) -> None:
 
     if args.sparsity is None and args.quantize is None:
         raise ValueError("nothing to do: give --sparsity and/or --quantize")
+    # Checked before the (slow) checkpoint load.
+    if args.sparsity is not None and not 0 <= args.sparsity < 1:
+        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.group_size < 1:
+        raise ValueError(f"--group-size must be >= 1, got {args.group_size}")
+    if args.calibration_batches < 1:
+        raise ValueError(f"--calibration-batches must be >= 1, got {args.calibration_batches}")
     if args.sparsity is not None and args.quantize is not None:
         raise ValueError(
             "a linear holds one weight format: sparsify or quantize, not both "
@@ -256,8 +270,11 @@ def main(argv: list[str] | None = None) -> int:
             _convert(args)
         elif args.command == "bench":
             _bench(args, parser)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        parser.exit(2, f"pallax {args.command}: error: {e}\n")
+    except USER_ERRORS as e:
+        if os.environ.get("PALLAX_TRACEBACK"):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__  # one line
+        parser.exit(2, f"pallax {args.command}: error: {message}\n")
     return 0
 
 

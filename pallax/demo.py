@@ -78,7 +78,7 @@ def main(steps: int | None = None, out: str | Path = "runs/demo", preset: str | 
     config = preset_config(preset)
     if not on_gpu:  # sized for ~2 minutes of training on 2 CPU cores
         config = config.replace(batch_size=8, seq_len=128, steps=300, warmup_steps=30)
-    steps = steps or config.steps
+    steps = config.steps if steps is None else steps  # 0 is an error, not "default"
     config = config.replace(
         steps=steps,
         warmup_steps=min(config.warmup_steps, max(1, steps // 10)),

@@ -11,6 +11,19 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Fuzz budgets (tests/test_fuzz.py). "ci", the default, is small and derandomized so
+# the suite stays fast and reproducible; `pytest --hypothesis-profile=long` (or
+# HYPOTHESIS_PROFILE=long) searches 25x longer with fresh random examples.
+_FUZZ_COMMON = dict(
+    deadline=None,  # each new shape compiles: seconds, not milliseconds
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile("ci", max_examples=6, derandomize=True, database=None, **_FUZZ_COMMON)
+settings.register_profile("long", max_examples=150, **_FUZZ_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

@@ -80,7 +80,7 @@ def test_sampling_controls():
     stopped = np.asarray(generate(m, prompt[:1], 6, stop_tokens=(stop,)))
     first = list(stopped[0]).index(stop)
     assert (stopped[0, first:] == stop).all()
-    with pytest.raises(ValueError, match="bad sampling settings"):
+    with pytest.raises(ValueError, match="top_p"):
         generate(m, prompt, 2, top_p=0.0)
     with pytest.raises(ValueError, match="prompt_lengths"):
         generate(m, prompt, 2, prompt_lengths=[5, 1])
@@ -152,7 +152,7 @@ def test_config_validation():
         TransformerConfig(num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="layer_windows has 1 entries for 4 layers"):
         TransformerConfig(layer_windows=(4,))
-    with pytest.raises(ValueError, match="sliding windows must be >= 1"):
+    with pytest.raises(ValueError, match="sliding_window must be >= 1"):
         TransformerConfig(sliding_window=0)
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from pallax._checks import check_choice, check_finite, check_float, check_int
 from pallax.models import transformer
 from pallax.models.transformer import Linear
 from pallax.pallas_kernels import activation_norms, lkd, quantize, sparsify
@@ -48,6 +51,14 @@ def _calibration_inputs(model, method: str, needs_data: bool, calibration):
         return None
     if calibration is None:
         raise ValueError(f"method={method!r} needs calibration tokens")
+    tokens = np.asarray(calibration)
+    vocab = model.config.vocab_size
+    if tokens.ndim != 2 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(
+            f"calibration must be integer tokens [batch, seq], got {tokens.dtype}{tokens.shape}"
+        )
+    if tokens.min() < 0 or tokens.max() >= vocab:
+        raise ValueError(f"calibration tokens must be in [0, vocab_size={vocab})")
     return collect_linear_inputs(model, calibration)
 
 
@@ -67,15 +78,25 @@ def sparsify_model(
 ) -> nnx.Module:
     """Prunes the selected Linears in place (``method="wanda"`` needs ``calibration``
     tokens ``[batch, seq]``) and returns the model."""
+    if pattern is None:
+        check_float("sparsity", sparsity, minimum=0.0, maximum=1.0, open_max=True)
+    check_choice("method", method, ("magnitude", "wanda"))
     selected = _selected(model, layers)
     inputs = _calibration_inputs(model, method, method == "wanda", calibration)
-    for _, layer in selected:
+    for path, layer in selected:
         norms = activation_norms(inputs[id(layer)]) if inputs is not None else None
-        w = layer.kernel.get_value()
+        w = _dense_weight(path, layer)
         layer.kernel.set_value(
-            sparsify(w, sparsity, method, activation_norms=norms, pattern=pattern)
+            sparsify(w, sparsity, method, activation_norms=norms, pattern=pattern, name=path)
         )
     return model
+
+
+def _dense_weight(path: str, layer: Linear):
+    w = layer.kernel.get_value()
+    if not isinstance(w, jax.Array):
+        raise ValueError(f"{path} is already {type(w).__name__}: convert a dense model")
+    return w
 
 
 def quantize_model(
@@ -103,19 +124,23 @@ def quantize_model(
         raise ValueError(f"act_bits must be None or 8, got {act_bits!r}")
     if act_bits == 8 and bits != 8:
         raise ValueError(f"act_bits=8 (W8A8) needs bits=8, got bits={bits}")
+    check_choice("bits", bits, (4, 8))
+    check_int("group_size", group_size, minimum=1)
+    check_int("lkd_steps", lkd_steps, minimum=0)
     selected = _selected(model, layers)
     inputs = _calibration_inputs(model, method, method == "lkd", calibration)
-    for _, layer in selected:
-        w = layer.kernel.get_value()
+    for path, layer in selected:
+        w = _dense_weight(path, layer)
         k = w.shape[0]
         if group_size is None:
             group = None
         else:
             group = group_size if k % group_size == 0 or k > group_size else k
         if inputs is not None:
+            check_finite(path, w)  # named by layer (lkd's quantize would say "w")
             quantized = lkd(w, inputs[id(layer)], bits=bits, group_size=group, steps=lkd_steps)
         else:
-            quantized = quantize(w, bits=bits, group_size=group)
+            quantized = quantize(w, bits=bits, group_size=group, name=path)
         layer.kernel.set_value(quantized)
         layer.act_bits = act_bits
     return model

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallax._checks import check_float, check_int, check_optional_int
 from pallax.models.transformer import Transformer
 from pallax.pallas_kernels import decode_attention
 from pallax.pallas_kernels.decode_attention_mgpu import DecodeGeometry
@@ -138,6 +139,19 @@ def _generate(
     return out, step
 
 
+def _token_ids(name: str, values) -> np.ndarray:
+    """Host int64 copy of token ids / lengths; floats are rejected, not truncated."""
+    if isinstance(values, jax.core.Tracer):
+        raise ValueError(f"{name} must be concrete (generate is not meant to be traced)")
+    try:
+        array = np.asarray(values)
+    except ValueError as e:  # ragged nested lists
+        raise ValueError(f"{name} must be a rectangular array of ints: {e}") from None
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name} must hold integers, got dtype {array.dtype}")
+    return array.astype(np.int64)
+
+
 def generate(
     model: Transformer,
     prompt_tokens,
@@ -159,47 +173,76 @@ def generate(
       stop_tokens: a sequence ends after emitting one of these (later slots
         repeat the first stop token); the loop ends when all sequences stopped.
 
+    Every argument is checked on the host before anything compiles: token ids
+    in ``[0, vocab_size)``, integer dtypes (floats are not truncated), finite
+    ``temperature >= 0``, ``0 < top_p <= 1``, ``1 <= top_k <= vocab_size``.
+
     Returns:
       ``[batch, max_new_tokens]`` int32 new tokens.
     """
+    if not isinstance(model, Transformer):
+        raise ValueError(f"model must be a pallax Transformer, got {type(model).__name__}")
+    vocab = model.config.vocab_size
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
+    temperature = check_float("temperature", temperature, minimum=0.0)
+    top_p = check_float("top_p", top_p, minimum=0.0, maximum=1.0, open_min=True)
+    top_k = check_optional_int("top_k", top_k, minimum=1, maximum=vocab)
+    seed = check_int("seed", seed)
+    if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, (list, tuple)):
+        raise ValueError(f"stop_tokens must be a tuple of token ids, got {stop_tokens!r}")
+    stop_tokens = tuple(
+        check_int(f"stop_tokens[{i}]", t, minimum=0, maximum=vocab - 1)
+        for i, t in enumerate(stop_tokens)
+    )
     if (
         isinstance(prompt_tokens, (list, tuple))
         and prompt_tokens
-        and isinstance(prompt_tokens[0], (list, tuple, np.ndarray))
+        and any(isinstance(p, (list, tuple, np.ndarray)) for p in prompt_tokens)
     ):
+        if not all(isinstance(p, (list, tuple, np.ndarray)) for p in prompt_tokens):
+            raise ValueError("prompt_tokens mixes token lists and single tokens")
         lengths = [len(p) for p in prompt_tokens]
-        padded = np.zeros((len(prompt_tokens), max(lengths)), np.int32)
+        if prompt_lengths is not None and list(np.asarray(prompt_lengths).ravel()) != lengths:
+            raise ValueError(
+                f"prompt_lengths {prompt_lengths!r} contradicts the list prompts' lengths "
+                f"{lengths}: give a padded array with prompt_lengths, or lists without"
+            )
+        if min(lengths) == 0:
+            raise ValueError(f"prompt {lengths.index(0)} of prompt_tokens is empty")
+        padded = np.zeros((len(prompt_tokens), max(lengths)), np.int64)
         for i, p in enumerate(prompt_tokens):
-            padded[i, : len(p)] = p
+            padded[i, : len(p)] = _token_ids(f"prompt_tokens[{i}]", p)
         prompt_tokens, prompt_lengths = padded, lengths
-    prompt = jnp.asarray(prompt_tokens, jnp.int32)
-    if prompt.ndim != 2 or prompt.shape[1] == 0:
-        raise ValueError(f"prompt_tokens must be [batch, prompt_len > 0], got {prompt.shape}")
-    lengths = jnp.asarray(
-        prompt_lengths if prompt_lengths is not None else [prompt.shape[1]] * prompt.shape[0],
-        jnp.int32,
-    )
-    if (
-        lengths.shape != (prompt.shape[0],)
-        or int(lengths.min()) < 1
-        or int(lengths.max()) > prompt.shape[1]
-    ):
-        raise ValueError(f"prompt_lengths {lengths} must be in [1, {prompt.shape[1]}] per row")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or (top_k is not None and top_k < 1):
+    prompt = _token_ids("prompt_tokens", prompt_tokens)
+    if prompt.ndim != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
         raise ValueError(
-            f"bad sampling settings: temperature={temperature}, top_k={top_k}, top_p={top_p}"
+            f"prompt_tokens must be [batch > 0, prompt_len > 0], got shape {prompt.shape}"
         )
+    if prompt.size and (prompt.min() < 0 or prompt.max() >= vocab):
+        bad = tuple(int(i) for i in np.argwhere((prompt < 0) | (prompt >= vocab))[0])
+        raise ValueError(
+            f"prompt_tokens[{bad[0]}, {bad[1]}]={int(prompt[bad])} is not a token id in "
+            f"[0, vocab_size={vocab})"
+        )
+    lengths = _token_ids(
+        "prompt_lengths",
+        prompt_lengths if prompt_lengths is not None else [prompt.shape[1]] * prompt.shape[0],
+    )
+    if lengths.shape != (prompt.shape[0],) or lengths.min() < 1 or lengths.max() > prompt.shape[1]:
+        raise ValueError(
+            f"prompt_lengths {lengths.tolist()} must hold one length in [1, {prompt.shape[1]}] "
+            f"per row of prompt_tokens {prompt.shape}"
+        )
+    prompt, lengths = jnp.asarray(prompt, jnp.int32), jnp.asarray(lengths, jnp.int32)
     out, _ = _generate(
         model,
         prompt,
         lengths,
         jax.random.key(seed),
         max_new_tokens=max_new_tokens,
-        temperature=float(temperature),
+        temperature=temperature,
         top_k=top_k,
-        top_p=float(top_p),
-        stop_tokens=tuple(int(t) for t in stop_tokens),
+        top_p=top_p,
+        stop_tokens=stop_tokens,
     )
     return out

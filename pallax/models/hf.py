@@ -18,6 +18,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from pallax._checks import check_finite as check_finite_values
 from pallax.models.transformer import (
     RopeScaling,
     Transformer,
@@ -28,7 +29,27 @@ from pallax.models.transformer import (
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
 
 
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; a missing, non-UTF-8 or garbled file is named in the error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} not found")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{what} {str(path)!r} must hold a JSON object")
+    return values
+
+
 def config_from_hf(hf: dict) -> TransformerConfig:
+    """TransformerConfig from a Hugging Face ``config.json`` dict; missing keys are named."""
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+    missing = [key for key in (*required, "intermediate_size") if key not in hf]
+    if missing and (hf.get("architectures") or [None])[0] in SUPPORTED:
+        raise ValueError(f"config.json lacks required key(s) {missing}")
     architectures = hf.get("architectures") or [None]
     if architectures[0] not in SUPPORTED:
         raise ValueError(f"unsupported architecture {architectures[0]!r}; expected {SUPPORTED}")
@@ -138,25 +159,49 @@ def _hf_names(config: TransformerConfig) -> dict[str, tuple[tuple, bool]]:
 def _tensor_files(path: Path) -> dict[str, Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
+        weight_map = read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"safetensors index {str(index)!r} has no 'weight_map' object")
+        files = {name: path / file for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            with _open_safetensors(file):  # damaged or missing files named up front
+                pass
+        return files
     single = path / "model.safetensors"
     if not single.exists():
         raise FileNotFoundError(f"no model.safetensors or index in {path}")
-    with safe_open(single, "np") as f:
+    with _open_safetensors(single) as f:
         return {name: single for name in f.keys()}
 
 
-def from_hf(path, *, mesh=None, dtype: str = "bfloat16", **config_overrides) -> Transformer:
+def _open_safetensors(file: Path):
+    """``safe_open`` whose failures (missing, truncated, garbled header) name the file."""
+    if not file.is_file():
+        raise FileNotFoundError(f"safetensors file {str(file)!r} not found")
+    try:
+        return safe_open(file, "np")
+    except Exception as e:  # noqa: BLE001 - SafetensorError and friends carry no file name
+        raise ValueError(f"cannot read safetensors file {str(file)!r}: {e}") from None
+
+
+def from_hf(
+    path, *, mesh=None, dtype: str = "bfloat16", check_finite: bool = False, **config_overrides
+) -> Transformer:
     """Loads a Llama / Mistral checkpoint directory into a :class:`Transformer`.
 
     With ``mesh`` the parameters are created directly sharded by the logical
     rules (tensor by tensor: nothing is materialised whole on the host beyond
     one tensor). ``config_overrides`` replace TransformerConfig fields (e.g.
-    ``attention_implementation``).
+    ``attention_implementation``). ``check_finite`` rejects NaN/inf weights,
+    naming the tensor (one pass over each block as it is read).
     """
     path = Path(path)
-    config = config_from_hf(json.loads((path / "config.json").read_text()))
+    if not path.is_dir():
+        raise FileNotFoundError(f"Hugging Face checkpoint directory {str(path)!r} not found")
+    config = config_from_hf(read_json(path / "config.json", "config file"))
+    unknown = set(config_overrides) - set(config.__dict__)
+    if unknown:
+        raise ValueError(f"unknown TransformerConfig override(s) {sorted(unknown)}")
     config = TransformerConfig(**{**config.__dict__, "dtype": dtype, **config_overrides})
     model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     shardings = logical_shardings(model, mesh) if mesh is not None else None
@@ -171,17 +216,26 @@ def from_hf(path, *, mesh=None, dtype: str = "bfloat16", **config_overrides) -> 
     for name, (param_path, transpose) in names.items():
         variable = flat[param_path]
         expected = variable.get_value().shape
-        with safe_open(files[name], "np") as f:
-            tensor = f.get_slice(name)
+        with _open_safetensors(files[name]) as f:
+            try:
+                tensor = f.get_slice(name)
+            except Exception as e:  # noqa: BLE001 - listed by the index but absent
+                raise ValueError(f"{str(files[name])!r}: cannot read tensor {name}: {e}") from None
             stored = tuple(tensor.get_shape())
             if (stored[::-1] if transpose else stored) != expected:
                 raise ValueError(f"{name}: shape {stored} does not match the config ({expected})")
 
-            def read(index, tensor=tensor, transpose=transpose, shape=expected):
+            def read(index, tensor=tensor, transpose=transpose, shape=expected, name=name):
                 """Only the block a device holds is read from disk."""
                 index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-                block = tensor[index[::-1]].T if transpose else tensor[index]
-                return np.asarray(block, np.float32)
+                try:
+                    block = tensor[index[::-1]].T if transpose else tensor[index]
+                except Exception as e:  # noqa: BLE001 - e.g. a truncated data section
+                    raise ValueError(f"{str(files[name])!r}: cannot read {name}: {e}") from None
+                block = np.asarray(block, np.float32)
+                if check_finite:
+                    check_finite_values(f"{name} in {str(files[name])!r} (block {index})", block)
+                return block
 
             if param_path in flat_shardings:
                 value = jax.make_array_from_callback(expected, flat_shardings[param_path], read)

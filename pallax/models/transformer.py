@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallax import sharding as ps
+from pallax._checks import check_bool, check_choice, check_float, check_int, check_optional_int
 from pallax.pallas_kernels import (
     QuantizedWeight,
     SparseWeight,
@@ -30,6 +31,9 @@ from pallax.pallas_kernels import (
 from pallax.pallas_kernels.sparse import SparseShards
 
 ROPE_SCALINGS = ("linear", "llama3")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+IMPLEMENTATIONS = (None, "mosaic", "xla")
+SEQUENCE_METHODS = ("ulysses", "ring", "halo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +57,10 @@ class RopeScaling:
     def __post_init__(self):
         if self.kind not in ROPE_SCALINGS:
             raise ValueError(f"rope scaling kind {self.kind!r} must be one of {ROPE_SCALINGS}")
-        if not self.factor > 0:
-            raise ValueError(f"rope scaling factor must be > 0, got {self.factor}")
+        check_float("rope_scaling.factor", self.factor, minimum=0.0, open_min=True)
+        check_float("rope_scaling.low_freq_factor", self.low_freq_factor)
+        check_float("rope_scaling.high_freq_factor", self.high_freq_factor)
+        check_int("rope_scaling.original_max_positions", self.original_max_positions)
         if self.kind == "llama3" and not (
             0 < self.low_freq_factor < self.high_freq_factor and self.original_max_positions > 0
         ):
@@ -105,7 +111,13 @@ class TransformerConfig:
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):  # from JSON / TOML configs
+            unknown = set(self.rope_scaling) - {f.name for f in dataclasses.fields(RopeScaling)}
+            if unknown:
+                raise ValueError(f"rope_scaling has unknown field(s) {sorted(unknown)}")
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.layer_windows, list):  # from JSON / TOML configs
+            object.__setattr__(self, "layer_windows", tuple(self.layer_windows))
+        self._validate_fields()
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}"
@@ -122,6 +134,34 @@ class TransformerConfig:
         for window in (self.sliding_window, *(self.layer_windows or ())):
             if window is not None and window < 1:
                 raise ValueError(f"sliding windows must be >= 1 token, got {window}")
+
+    def _validate_fields(self):
+        """Types and ranges of every field, naming it (before anything divides by one)."""
+        for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("mlp_dim", self.mlp_dim, minimum=1)
+        check_optional_int("head_dim", self.head_dim, minimum=2)
+        check_float("rope_theta", self.rope_theta, minimum=0.0, open_min=True)
+        check_float("norm_eps", self.norm_eps, minimum=0.0, open_min=True)
+        check_optional_int("sliding_window", self.sliding_window, minimum=1)
+        if self.layer_windows is not None:
+            if not isinstance(self.layer_windows, tuple):
+                raise ValueError(f"layer_windows must be a tuple, got {self.layer_windows!r}")
+            for i, window in enumerate(self.layer_windows):
+                check_optional_int(f"layer_windows[{i}]", window, minimum=1)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(
+                f"rope_scaling must be a RopeScaling or dict, got {self.rope_scaling!r}"
+            )
+        for name in ("tie_embeddings", "remat"):
+            check_bool(name, getattr(self, name))
+        check_choice("dtype", self.dtype, COMPUTE_DTYPES)
+        check_choice("attention_implementation", self.attention_implementation, IMPLEMENTATIONS)
+        check_choice("sequence_method", self.sequence_method, SEQUENCE_METHODS)
+        # RoPE rotates halves of each head: an odd head_dim cannot be split.
+        head_dim = self.head_dim or self.embed_dim // self.num_heads
+        if head_dim % 2:
+            raise ValueError(f"head dimension must be even for RoPE, got {head_dim}")
 
     @property
     def dim_per_head(self) -> int:
@@ -273,6 +313,8 @@ class Transformer(nnx.Module):
     """``tokens [B, T] int32 -> logits [B, T, vocab] float32``."""
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        if not isinstance(config, TransformerConfig):
+            raise ValueError(f"config must be a TransformerConfig, got {type(config).__name__}")
         self.config = config
         self.embed = _param(rngs, (config.vocab_size, config.embed_dim), ("vocab", "embed"), 1.0)
         self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.num_layers)])
@@ -291,8 +333,12 @@ class Transformer(nnx.Module):
 
     def hidden(self, tokens, positions=None, *, return_kv=False):
         c = self.config
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+        if not hasattr(tokens, "ndim") or tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq], got {getattr(tokens, 'shape', tokens)}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            # jnp.take would truncate float ids silently; ids >= vocab_size give NaN rows
+            # (out-of-range gathers fill), which generate() checks on the host.
+            raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = jnp.take(self.embed.get_value(), tokens, axis=0).astype(c.dtype)
@@ -346,6 +392,8 @@ def shard_model(model: nnx.Module, mesh) -> nnx.Module:
     linears are repacked per tensor shard (``split_sparse``), their values
     split over ``fsdp`` and gathered per layer (ZeRO-3), as dense weights are.
     """
+    if not isinstance(mesh, jax.sharding.Mesh) or set(mesh.axis_names) != set(ps.AXES):
+        raise ValueError(f"mesh must be a pallax.sharding.make_mesh() Mesh, got {mesh!r}")
     tensor, fsdp = mesh.shape[ps.TENSOR], mesh.shape[ps.FSDP]
 
     def place(w, specs):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallax._checks import check_array, check_bool, check_float, is_int
 from pallax.pallas_kernels import _tuning, attention_mgpu
 from pallax.pallas_kernels._dispatch import Implementation, choose_implementation, cotangent_like
 from pallax.pallas_kernels.attention_mgpu import AttentionConfig, Window
@@ -33,15 +34,17 @@ def normalize_window(
     unbounded = q_len + kv_len
     left = right = unbounded
     if local_window_size is not None:
-        if isinstance(local_window_size, (int, np.integer)):
+        if is_int(local_window_size):
             window = (int(local_window_size), int(local_window_size))
-        else:
+        elif isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2:
             window = tuple(local_window_size)
-            if len(window) != 2 or not all(isinstance(w, (int, np.integer)) for w in window):
-                raise ValueError(
-                    f"local_window_size must be an int or a (left, right) pair of ints, "
-                    f"got {local_window_size!r}"
-                )
+        else:
+            window = None
+        if window is None or not all(is_int(w) for w in window):
+            raise ValueError(
+                f"local_window_size must be an int or a (left, right) pair of ints, "
+                f"got {local_window_size!r}"
+            )
         if min(window) < 0:
             raise ValueError(f"local_window_size must be non-negative, got {local_window_size!r}")
         left, right = min(int(window[0]), unbounded), min(int(window[1]), unbounded)
@@ -50,8 +53,9 @@ def normalize_window(
     return left, right
 
 
-def _check_inputs(query, key, value):
-    for name, x in (("query", query), ("key", key), ("value", value)):
+def _check_inputs(query, key, value, names=("query", "key", "value")):
+    for name, x in zip(names, (query, key, value), strict=True):
+        check_array(name, x)
         if x.ndim != 4:
             raise ValueError(
                 f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape {x.shape}"
@@ -62,6 +66,8 @@ def _check_inputs(query, key, value):
         raise ValueError(f"value shape {value.shape} must equal key shape {key.shape}")
     if kb != b:
         raise ValueError(f"batch mismatch: query {query.shape} vs key {key.shape}")
+    if head_dim == 0:
+        raise ValueError(f"head_dim must be >= 1, got query shape {query.shape}")
     if k_dim != head_dim:
         raise ValueError(f"head_dim mismatch: query {query.shape} vs key {key.shape}")
     if num_kv_heads == 0 or num_heads % num_kv_heads:
@@ -77,6 +83,11 @@ def _check_inputs(query, key, value):
         raise ValueError(f"attention needs floating-point inputs, got {query.dtype}")
 
 
+def check_config(name: str, config, cls) -> None:
+    if config is not None and not isinstance(config, cls):
+        raise ValueError(f"{name} must be a {cls.__name__} or None, got {type(config).__name__}")
+
+
 def mosaic_supports(query, key) -> str | None:
     """``None`` if the Mosaic kernel handles these inputs, else the reason it does not."""
     if jnp.dtype(query.dtype) not in attention_mgpu.SUPPORTED_DTYPES:
@@ -87,11 +98,14 @@ def mosaic_supports(query, key) -> str | None:
 
 
 def dot_precision(dtype):
-    """Half-precision inputs with fp32 accumulation (as jax.nn does); faster on CPU too."""
-    return {
-        jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
-        jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32,
-    }.get(jnp.dtype(dtype))
+    """bf16 inputs with fp32 accumulation (as jax.nn does); faster on CPU too.
+
+    fp16 requests no algorithm: the CPU's dot_general rejects F16_F16_F32, and
+    ``preferred_element_type=float32`` already accumulates in fp32 on every backend.
+    """
+    if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):
+        return jax.lax.DotAlgorithmPreset.BF16_BF16_F32
+    return None
 
 
 def masked_attention(query, key, value, mask, *, scale: float):
@@ -207,8 +221,10 @@ def dot_product_attention(
     """
     _check_inputs(query, key, value)
     q_len, kv_len, head_dim = query.shape[1], key.shape[1], query.shape[-1]
+    is_causal = check_bool("is_causal", is_causal)
     left, right = normalize_window(is_causal, local_window_size, q_len, kv_len)
-    scale = float(1.0 / np.sqrt(head_dim) if scale is None else scale)
+    scale = float(1.0 / np.sqrt(head_dim) if scale is None else check_float("scale", scale))
+    check_config("config", config, AttentionConfig)
     implementation = choose_implementation(implementation, mosaic_supports(query, key))
     if implementation == "xla":
         return attention_reference(query, key, value, scale=scale, left=left, right=right)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
+from pallax._checks import check_bool, check_float, is_concrete
 from pallax.pallas_kernels import _tuning
 from pallax.pallas_kernels import attention as attention_op
 from pallax.pallas_kernels import decode_attention_mgpu as mgpu
@@ -22,7 +24,7 @@ def _left_window(local_window_size, cache_len: int) -> int:
     """Validated left window; an int means ``(left, 0)`` since decoding is causal."""
     if local_window_size is None:
         return cache_len + 1  # Unbounded.
-    if isinstance(local_window_size, (int, np.integer)):
+    if isinstance(local_window_size, (int, np.integer)) and not isinstance(local_window_size, bool):
         local_window_size = (int(local_window_size), 0)
     left, right = attention_op.normalize_window(False, local_window_size, cache_len, 1)
     if right != 0:
@@ -30,6 +32,36 @@ def _left_window(local_window_size, cache_len: int) -> int:
             f"decode attention is causal: the right window must be 0, got {local_window_size!r}"
         )
     return left
+
+
+def check_lengths(lengths, *, num_new: int, cache_len: int, rolling: bool, debug_checks: bool):
+    """The ``lengths`` contract: each row is either empty (``0``: an unused
+    batch slot, whose output is zeros) or holds its new tokens, ``num_new <=
+    lengths[b]``, and, unless the cache is a ring, fits it: ``lengths[b] <= cache_len``.
+
+    Concrete lengths are checked here (one host read of ``[batch]`` ints).
+    Under jit they are data the caller owns: ``debug_checks=True`` adds
+    ``checkify`` checks instead, reported by wrapping the jitted function in
+    ``checkify.checkify`` (off by default: not free, and plain jit rejects them).
+    """
+    upper = None if rolling else cache_len
+    bound = f"0 or in [{num_new}, {upper}]" if upper is not None else f"0 or >= {num_new}"
+    context = f"(num_new={num_new}, cache_len={cache_len}, rolling={rolling})"
+    if is_concrete(lengths):
+        host = np.asarray(lengths)
+        bad = (host != 0) & ((host < num_new) | (host > upper if upper is not None else False))
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise ValueError(f"lengths[{row}]={int(host[row])} must be {bound} {context}")
+    elif debug_checks:
+        ok = lengths >= num_new
+        if upper is not None:
+            ok &= lengths <= upper
+        checkify.check(
+            jnp.all(ok | (lengths == 0)),
+            f"decode_attention: lengths must be {bound} {context}; got {{lengths}}",
+            lengths=lengths,
+        )
 
 
 def decode_attention_reference(query, key_cache, value_cache, lengths, geometry, scale):
@@ -54,6 +86,7 @@ def decode_attention(
     rolling: bool = False,
     implementation: attention_op.Implementation = None,
     config: DecodeConfig | None = None,
+    debug_checks: bool = False,
 ) -> jax.Array:
     """Causal attention of ``num_new`` new tokens per sequence against a KV cache.
 
@@ -62,12 +95,17 @@ def decode_attention(
         ``b`` is at position ``lengths[b] - num_new + t``.
       key_cache, value_cache: ``[batch, cache_len, num_kv_heads, head_dim]``,
         already holding the new tokens' keys/values.
-      lengths: ``[batch]`` int32, valid positions per sequence (new tokens included).
+      lengths: ``[batch]`` int32, valid positions per sequence (new tokens included),
+        ``0`` (an unused row: zeros) or in ``[num_new, cache_len]`` (``>= num_new``
+        for a rolling cache). Checked
+        when concrete; under jit only with ``debug_checks`` (see :func:`check_lengths`).
       local_window_size: ``left`` or ``(left, 0)``: a token sees positions
         ``[pos - left, pos]``.
       rolling: the cache is a ring buffer (slot = position % cache_len); needs
         ``cache_len >= left + num_new`` so no visible position is overwritten.
       implementation: ``None`` (Mosaic on Hopper, else XLA), ``"mosaic"``, ``"xla"``.
+      debug_checks: under jit, check ``lengths`` with ``checkify`` (wrap the
+        caller in ``checkify.checkify`` to get the error).
 
     Returns:
       ``[batch, num_new, num_heads, head_dim]``.
@@ -81,6 +119,8 @@ def decode_attention(
             f"lengths must be an integer array of shape ({b},), got {lengths.dtype}{lengths.shape}"
         )
     lengths = lengths.astype(jnp.int32)
+    rolling = check_bool("rolling", rolling)
+    attention_op.check_config("config", config, DecodeConfig)
     left = _left_window(local_window_size, cache_len)
     if rolling and local_window_size is None:
         raise ValueError("rolling=True needs local_window_size (the ring holds only the window)")
@@ -89,6 +129,9 @@ def decode_attention(
             f"rolling cache of {cache_len} slots cannot hold a window of {left} "
             f"plus {num_new} new tokens"
         )
+    check_lengths(
+        lengths, num_new=num_new, cache_len=cache_len, rolling=rolling, debug_checks=debug_checks
+    )
     geometry = DecodeGeometry(
         left=left,
         num_new=num_new,
@@ -96,7 +139,7 @@ def decode_attention(
         cache_len=cache_len,
         rolling=rolling,
     )
-    scale = float(1.0 / np.sqrt(head_dim) if scale is None else scale)
+    scale = float(1.0 / np.sqrt(head_dim) if scale is None else check_float("scale", scale))
     unsupported = attention_op.mosaic_supports(query, key_cache)
     implementation = choose_implementation(implementation, unsupported)
     if implementation == "xla":

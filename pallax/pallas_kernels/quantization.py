@@ -30,6 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallax._checks import (
+    check_array,
+    check_bool,
+    check_finite,
+    check_float,
+    check_int,
+    is_concrete,
+    is_int,
+)
 from pallax.pallas_kernels import _tuning
 from pallax.pallas_kernels import quantized_matmul_int8_mgpu as int8_mgpu
 from pallax.pallas_kernels import quantized_matmul_mgpu as mgpu
@@ -118,9 +127,9 @@ class QuantizedWeight:
 
 
 def _check_bits(bits, group_size):
-    if bits not in (4, 8):
+    if not is_int(bits) or bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
-    if not isinstance(group_size, (int, np.integer)) or group_size <= 0:
+    if not is_int(group_size) or group_size <= 0:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if group_size % PACK_BLOCK and PACK_BLOCK % group_size:
         raise ValueError(f"group_size={group_size} must divide or be a multiple of {PACK_BLOCK}")
@@ -157,15 +166,35 @@ def _encode(w_t, scales, zeros, bits, group_size):
     return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).astype(jnp.uint8)
 
 
+def _check_weight(w, name: str, check_finite_values: bool):
+    """Shape/dtype of a float ``[in, out]`` weight; NaN/inf rejected when concrete.
+
+    One NaN/inf would poison its whole group's scale (inf -> every value NaN)
+    or be rounded to a finite integer (int4 NaN), silently."""
+    check_array(name, w)
+    if check_finite_values and is_concrete(w):
+        check_finite(name, w)
+
+
 def quantize(
-    w: jax.Array, bits: int = 8, group_size: int | None = 128, symmetric: bool = True
+    w: jax.Array,
+    bits: int = 8,
+    group_size: int | None = 128,
+    symmetric: bool = True,
+    *,
+    check_finite: bool = True,
+    name: str = "w",
 ) -> QuantizedWeight:
     """Round-to-nearest group-wise quantization of ``w [in_features, out_features]``.
 
     Groups run along ``in_features`` (the contraction dim). ``group_size=None``
     gives per-channel scales (one group: ``in_features`` rounded up to 128),
     with which W8A8 accumulates the whole K in int32 and scales once.
+    ``check_finite``: reject NaN/inf weights (named ``name`` in the error) when
+    ``w`` is concrete; costs one device-to-host copy, skipped under jit.
     """
+    symmetric = check_bool("symmetric", symmetric)
+    check_array(name, w)
     if w.ndim != 2:
         raise ValueError(f"quantize expects a 2D [in_features, out_features] weight, got {w.shape}")
     if group_size is None:
@@ -173,6 +202,9 @@ def quantize(
     _check_bits(bits, group_size)
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise ValueError(f"quantize expects a floating-point weight, got {w.dtype}")
+    if 0 in w.shape:
+        raise ValueError(f"quantize expects a non-empty weight, got {name} shape {w.shape}")
+    _check_weight(w, name, check_finite)
     k, n = w.shape
     kp = _round_up(k, max(group_size, PACK_BLOCK))
     np_ = _round_up(n, PACK_BLOCK)
@@ -197,8 +229,9 @@ def fake_quantize(w, bits=8, group_size=128, symmetric=True):
 
 def quantize_activations(x: jax.Array, bits: int = 8):
     """Token-wise dynamic symmetric quantization: ``(q int8 [..., K], scale f32 [..., 1])``."""
-    if bits != 8:
+    if not is_int(bits) or bits != 8:
         raise ValueError(f"activation quantization supports bits=8, got {bits!r}")
+    check_array("x", x)
     x32 = x.astype(jnp.float32)
     scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / 127.0, 1e-30)
     return jnp.clip(jnp.round(x32 / scale), -127, 127).astype(jnp.int8), scale
@@ -232,6 +265,7 @@ def quantized_matmul_reference(x, qw: QuantizedWeight, act_bits=None):
 
 
 def _validate(x, qw, act_bits):
+    check_array("x", x)
     if not isinstance(qw, QuantizedWeight):
         raise ValueError(f"expected a QuantizedWeight, got {type(qw).__name__}")
     if x.shape[-1] != qw.in_features:
@@ -322,6 +356,8 @@ def quantized_matmul(
     Gradients reach ``x`` only (weights frozen; see :func:`fake_quantize` for QAT).
     """
     _validate(x, qw, act_bits)
+    if config is not None and not isinstance(config, mgpu.QuantMatmulConfig):
+        raise ValueError(f"config must be a QuantMatmulConfig or None, got {type(config).__name__}")
     unsupported = (
         f"group_size={qw.group_size} (Mosaic kernel needs >= {mgpu.BLOCK_K})"
         if qw.group_size < mgpu.BLOCK_K
@@ -357,8 +393,17 @@ def lkd(
     """
     import optax
 
+    steps = check_int("steps", steps, minimum=0)
+    learning_rate = check_float("learning_rate", learning_rate, minimum=0.0, open_min=True)
     start = quantize(w, bits, group_size, symmetric)
     group_size = start.group_size  # None (per-channel) resolved
+    check_array("calibration", calibration)
+    if calibration.ndim < 1 or calibration.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"calibration {tuple(calibration.shape)} must be [..., in_features={w.shape[0]}]"
+        )
+    if is_concrete(calibration):
+        check_finite("calibration", calibration)
     x = calibration.reshape(-1, calibration.shape[-1]).astype(jnp.float32)
     teacher = x @ w.astype(jnp.float32)
     k, n = w.shape

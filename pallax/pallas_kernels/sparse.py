@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import threading
 import warnings
 from typing import Literal
 
@@ -37,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallax._checks import check_array, check_choice, check_finite, check_float, check_int
 from pallax.pallas_kernels import _tuning
 from pallax.pallas_kernels import sparse_matmul_mgpu as sparse_mgpu
 from pallax.pallas_kernels._dispatch import choose_implementation, cotangent_like
@@ -267,8 +270,11 @@ def split_sparse(
 
     Each shard's values are zero-padded to a common length, rounded up to
     ``values_multiple`` (the fsdp size, so the values can be split over it)."""
-    if split not in ("in", "out"):
-        raise ValueError(f"split must be 'in' or 'out', got {split!r}")
+    if not isinstance(w, SparseWeight):
+        raise ValueError(f"split_sparse expects a SparseWeight, got {type(w).__name__}")
+    check_choice("split", split, ("in", "out"))
+    num_shards = check_int("num_shards", num_shards, minimum=1)
+    values_multiple = check_int("values_multiple", values_multiple, minimum=1)
     dense, mask = np.asarray(w.todense()), np.asarray(w.mask())
     axis = 0 if split == "in" else 1
     size = _round_up(dense.shape[axis], 64 * num_shards)
@@ -317,6 +323,7 @@ def sparsify(
     *,
     activation_norms=None,
     pattern: str | None = None,
+    name: str = "w",
 ) -> SparseWeight:
     """Prunes ``w [in_features, out_features]`` and packs it. Not jittable (data-dependent nnz).
 
@@ -325,11 +332,17 @@ def sparsify(
     prune per output feature. ``pattern="2:4"`` (N:M) keeps N of every M
     consecutive inputs instead of using ``sparsity``.
     """
+    check_array("w", w)
     w = np.asarray(w)
     if w.ndim != 2:
         raise ValueError(f"sparsify expects a 2D [in_features, out_features] weight, got {w.shape}")
-    if pattern is None and not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"sparsify expects a floating-point weight, got {w.dtype}")
+    if pattern is None:
+        sparsity = check_float("sparsity", sparsity, minimum=0.0, maximum=1.0, open_max=True)
+    check_choice("method", method, ("magnitude", "wanda"))
+    # A NaN would be scored as the smallest weight and pruned, hiding the problem.
+    check_finite(name, w)
     parsed = None
     if pattern is not None:
         try:
@@ -344,6 +357,9 @@ def sparsify(
         norms = np.asarray(activation_norms, np.float32)
         if norms.shape != (w.shape[0],):
             raise ValueError(f"activation_norms shape {norms.shape} != ({w.shape[0]},)")
+        check_finite("activation_norms", norms)
+        if (norms < 0).any():
+            raise ValueError("activation_norms must be >= 0 (L2 norms)")
         scores = scores * norms[:, None]
     elif method != "magnitude":
         raise ValueError(f"method must be 'magnitude' or 'wanda', got {method!r}")
@@ -418,12 +434,15 @@ def _bwd(implementation, config, residuals, dy):
 _sparse_matmul.defvjp(_fwd, _bwd)
 
 
-@functools.cache
-def _mosaic_self_check() -> bool:
-    """One small product on the real GPU against XLA, the first time the kernel
-    is picked automatically. Its per-thread decode is emitted as raw MLIR that
-    CPU tests only lower (interpret mode runs a jnp twin of it); a mismatch here
-    falls back to XLA with a warning instead of returning wrong results."""
+SELF_CHECK_TIMEOUT_S = 300.0  # compiles two kernels; PALLAX_SELF_CHECK_TIMEOUT overrides
+
+
+def _self_check_products() -> str | None:
+    """One small product per decode against XLA; None if both agree, else why not.
+
+    The kernel's per-thread decode is emitted as raw MLIR that CPU tests only
+    lower (interpret mode runs a jnp twin of it), so the real GPU gets one
+    check before the kernel is used automatically."""
     rng = np.random.default_rng(0)
     dense = rng.standard_normal((320, 192)).astype(np.float32)
     dense *= rng.random(dense.shape) < 0.3
@@ -436,19 +455,42 @@ def _mosaic_self_check() -> bool:
         try:
             got = np.asarray(jax.jit(_mosaic_matmul, static_argnums=2)(x, w, config), np.float32)
         except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernel
-            warnings.warn(
-                f"pallax: Mosaic sparse_matmul ({decode} decode) failed its self-check ({e}); "
-                "using XLA",
-                stacklevel=3,
-            )
-            return False
+            return f"({decode} decode) failed its self-check ({e})"
         if not np.allclose(got, expected, rtol=2e-2, atol=2e-2):
-            warnings.warn(
-                f"pallax: Mosaic sparse_matmul ({decode} decode) disagrees with XLA on this GPU; "
-                "using XLA",
-                stacklevel=3,
-            )
-            return False
+            return f"({decode} decode) disagrees with XLA on this GPU"
+    return None
+
+
+def _with_deadline(check, timeout_s: float) -> str | None:
+    """Runs ``check()`` in a daemon thread; a hang past ``timeout_s`` becomes a reason.
+
+    A hung kernel cannot be cancelled from Python, but the caller stops waiting
+    for it and uses XLA (the thread is a daemon, so it never blocks exit)."""
+    result: list[str | None] = []
+
+    def run():
+        try:
+            result.append(check())
+        except BaseException as e:  # noqa: BLE001 - reported, not raised, in the caller
+            result.append(f"raised {type(e).__name__}: {e}")
+
+    thread = threading.Thread(target=run, name="pallax-sparse-self-check", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        return f"did not finish its self-check within {timeout_s:g} s (hang?)"
+    return result[0]
+
+
+@functools.cache
+def _mosaic_self_check() -> bool:
+    """The first time the kernel is picked automatically: :func:`_self_check_products`
+    under a deadline; any failure or hang falls back to XLA with a warning."""
+    timeout = float(os.environ.get("PALLAX_SELF_CHECK_TIMEOUT", SELF_CHECK_TIMEOUT_S))
+    reason = _with_deadline(_self_check_products, timeout)
+    if reason is not None:
+        warnings.warn(f"pallax: Mosaic sparse_matmul {reason}; using XLA", stacklevel=3)
+        return False
     return True
 
 
@@ -467,8 +509,11 @@ def sparse_matmul(
     memory-bound regime where reading the weight compressed pays), else XLA.
     Gradients flow to ``x`` and to ``w.values`` (the mask stays fixed).
     """
+    check_array("x", x)
     if not isinstance(w, SparseWeight):
         raise ValueError(f"expected a SparseWeight, got {type(w).__name__}")
+    if config is not None and not isinstance(config, sparse_mgpu.SpmmConfig):
+        raise ValueError(f"config must be a SpmmConfig or None, got {type(config).__name__}")
     if x.shape[-1] != w.in_features:
         raise ValueError(
             f"x {x.shape} does not match weight in_features {w.in_features} (weight {w.shape})"

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 
+from pallax._checks import check_int, check_optional_int
+
 DATA, FSDP, SEQUENCE, TENSOR = "data", "fsdp", "sequence", "tensor"
 AXES = (DATA, FSDP, SEQUENCE, TENSOR)
 BATCH_AXES = (DATA, FSDP)  # The batch is split over both.
@@ -23,6 +25,7 @@ BATCH_AXES = (DATA, FSDP)  # The batch is split over both.
 
 def _resolve_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
     for name, size in sizes.items():
+        check_int(f"mesh axis {name}", size)
         if size == 0 or size < -1:
             raise ValueError(f"mesh axis {name}={size}: sizes must be positive or -1")
     inferred = [name for name, size in sizes.items() if size == -1]
@@ -81,7 +84,18 @@ def make_mesh(
     for model code) or ``"explicit"`` (jax's sharding-in-types). Use the mesh
     with ``jax.set_mesh(mesh)``.
     """
+    if devices is not None and (
+        isinstance(devices, (str, bytes)) or not hasattr(devices, "__len__")
+    ):
+        raise ValueError(f"devices must be a sequence of jax devices, got {devices!r}")
     devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices is empty: a mesh needs at least one device")
+    bad = [d for d in devices if not isinstance(d, jax.Device)]
+    if bad:
+        raise ValueError(f"devices must be jax devices, got {bad[0]!r}")
+    if len(set(devices)) != len(devices):
+        raise ValueError("devices lists a device more than once")
     sizes = _resolve_sizes(
         {DATA: data, FSDP: fsdp, SEQUENCE: sequence, TENSOR: tensor}, len(devices)
     )
@@ -94,13 +108,27 @@ def make_mesh(
 
 def parse_mesh_spec(spec: str) -> dict[str, int]:
     """``"data=2,tensor=4"`` -> ``{"data": 2, "tensor": 4}`` (for CLIs)."""
+    if not isinstance(spec, str):
+        raise ValueError(f"mesh spec must be a string like 'data=2,tensor=2', got {spec!r}")
     sizes = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, value = item.partition("=")
+        name, value = name.strip(), value.strip()
         if name not in AXES or not value.lstrip("-").isdigit():
             raise ValueError(f"bad mesh entry {item!r}: expected one of {AXES} as name=int")
+        if name in sizes:
+            raise ValueError(f"mesh axis {name!r} given twice in {spec!r}")
         sizes[name] = int(value)
     return sizes
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise ValueError(
+            f"environment variable {name}={os.environ[name]!r} is not an int"
+        ) from None
 
 
 def initialize_distributed(
@@ -118,9 +146,11 @@ def initialize_distributed(
     env = os.environ
     coordinator_address = coordinator_address or env.get("PALLAX_COORDINATOR")
     if num_processes is None and "PALLAX_NUM_PROCESSES" in env:
-        num_processes = int(env["PALLAX_NUM_PROCESSES"])
+        num_processes = _env_int("PALLAX_NUM_PROCESSES")
     if process_id is None and "PALLAX_PROCESS_ID" in env:
-        process_id = int(env["PALLAX_PROCESS_ID"])
+        process_id = _env_int("PALLAX_PROCESS_ID")
+    check_optional_int("num_processes", num_processes)
+    check_optional_int("process_id", process_id)
     if num_processes is None or num_processes <= 1:
         return False
     if coordinator_address is None or process_id is None:

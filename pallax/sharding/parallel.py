@@ -30,8 +30,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from pallax._checks import check_array
 from pallax.pallas_kernels import QuantizedWeight, dot_product_attention, linear
 from pallax.pallas_kernels.attention import MASK_VALUE, dot_precision, normalize_window
+from pallax.pallas_kernels.attention import _check_inputs as check_inputs
 from pallax.pallas_kernels.sparse import SparseShards
 from pallax.sharding.mesh import BATCH_AXES, FSDP, SEQUENCE, TENSOR
 from pallax.sharding.rules import validate_layout
@@ -102,6 +104,40 @@ def _linear_parts(w, out_axis, in_axis, mesh):
     return P(in_axis, out_axis), 0, linear, w.shape
 
 
+def _check_linear(x, w, mesh, out_axis: str, in_axis: str, what: str):
+    """Shapes against the mesh before shard_map (whose errors name no argument)."""
+    check_array("x", x)
+    if x.ndim != 3:
+        raise ValueError(f"{what}: x must be [batch, length, in], got shape {x.shape}")
+    if isinstance(w, SparseShards | QuantizedWeight):
+        k, n = w.shape
+    else:
+        check_array("w", w, ndim=2)
+        k, n = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"{what}: x {x.shape} does not match weight {tuple(w.shape)} ([in, out])")
+    batch_devices = mesh.shape[BATCH_AXES[0]] * mesh.shape[BATCH_AXES[1]]
+    if x.shape[0] % batch_devices or x.shape[1] % mesh.shape[SEQUENCE]:
+        raise ValueError(
+            f"{what}: x {x.shape} must have batch divisible by data x fsdp ({batch_devices}) "
+            f"and length by sequence ({mesh.shape[SEQUENCE]})"
+        )
+    if isinstance(w, QuantizedWeight):
+        dims = {out_axis: w.values.shape[0], in_axis: w.scales.shape[1]}
+        names = {out_axis: "padded out_features", in_axis: "groups"}
+    elif isinstance(w, SparseShards):
+        return
+    else:
+        dims = {in_axis: k, out_axis: n}
+        names = {in_axis: "in_features", out_axis: "out_features"}
+    for axis, size in dims.items():
+        if size % mesh.shape[axis]:
+            raise ValueError(
+                f"{what}: weight {names[axis]}={size} is not divisible by the {axis} axis "
+                f"({mesh.shape[axis]})"
+            )
+
+
 def _pad_last(x, size):
     return (
         x
@@ -122,6 +158,7 @@ def column_parallel(x, w, *, mesh=None, **matmul_kwargs):
     matmul (e.g. ``act_bits=8``).
     """
     mesh = _mesh(mesh)
+    _check_linear(x, w, mesh, TENSOR, FSDP, "column_parallel")
     w_spec, in_dim, matmul, (k_padded, n_padded) = _linear_parts(w, TENSOR, FSDP, mesh)
     out_features = w.shape[1]
 
@@ -146,6 +183,7 @@ def row_parallel(x, w, *, mesh=None, **matmul_kwargs):
     ``split_sparse(w, tensor, "in")`` with its leading dim over ``tensor``.
     """
     mesh = _mesh(mesh)
+    _check_linear(x, w, mesh, FSDP, TENSOR, "row_parallel")
     w_spec, in_dim, matmul, (k_padded, n_padded) = _linear_parts(w, FSDP, TENSOR, mesh)
     out_features = w.shape[1]
 
@@ -294,7 +332,15 @@ def attention(
     axis is handled when it is larger than 1 (see module docstring).
     """
     mesh = _mesh(mesh)
+    check_inputs(query, key, value)
     batch, length, num_heads, head_dim = query.shape
+    if key.shape[1] != length:
+        raise ValueError(
+            f"sharded attention needs equal q/k lengths, got {query.shape} vs {key.shape}"
+        )
+    batch_devices = mesh.shape[BATCH_AXES[0]] * mesh.shape[BATCH_AXES[1]]
+    if batch % batch_devices:
+        raise ValueError(f"batch={batch} is not divisible by data x fsdp ({batch_devices})")
     validate_layout(
         mesh,
         num_heads=num_heads,

@@ -59,8 +59,16 @@ def current_rules() -> Rules:
 def axis_rules(rules: Rules | dict):
     """Overrides the rule table within the context; unknown mesh axes are rejected."""
     rules = tuple(rules.items()) if isinstance(rules, dict) else tuple(rules)
-    for name, target in rules:
+    for rule in rules:
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+            raise ValueError(
+                f"each rule must be a (logical_name, mesh_axis or tuple of axes or None) "
+                f"pair, got {rule!r}"
+            )
+        name, target = rule
         targets = target if isinstance(target, tuple) else (target,)
+        if not all(t is None or isinstance(t, str) for t in targets):
+            raise ValueError(f"rule {name!r} -> {target!r}: targets must be axis names or None")
         bad = [t for t in targets if t is not None and t not in AXES]
         if bad:
             raise ValueError(f"rule {name!r} -> {target!r} names unknown mesh axes {bad}")
@@ -76,6 +84,8 @@ def axis_rules(rules: Rules | dict):
 
 def logical_to_spec(names: Sequence[str | None], rules: Rules | None = None) -> P:
     """PartitionSpec for logical dimension names; a mesh axis is used at most once."""
+    if isinstance(names, str) or not isinstance(names, (tuple, list)):
+        raise ValueError(f"names must be a tuple of logical axis names, got {names!r}")
     table = dict(current_rules() if rules is None else rules)
     used: set[str] = set()
     spec = []

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from pallax._checks import check_int
 from pallax.models import Transformer, linears, logical_shardings, shard_model
 from pallax.pallas_kernels import QuantizedWeight, SparseWeight
 from pallax.pallas_kernels.sparse import SparseShards
@@ -185,17 +186,44 @@ class Checkpointer:
         self._manager.close()
 
 
+def _user_errors(read, what: str):
+    """``read()``, with Orbax / tensorstore failures on damaged files (bare
+    JSONDecodeErrors, ValueErrors from deep inside) reported as naming ``what``."""
+    try:
+        return read()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"cannot read {what}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint raises many types
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read {what} (damaged checkpoint?): {message}") from None
+
+
 def load_model(directory: str | Path, step: int | None = None, *, mesh=None):
     """``(model, meta)`` from a checkpoint written by :mod:`pallax.train` or
     ``pallax convert``; with ``mesh`` the parameters are restored sharded."""
     from pallax.train.config import from_dict  # avoid a cycle at import time
 
+    directory = Path(directory)
+    if not directory.is_dir():  # Checkpointer would create it
+        raise FileNotFoundError(f"checkpoint directory {str(directory)!r} not found")
+    if step is not None:
+        check_int("step", step, minimum=0)
     checkpointer = Checkpointer(directory)
     try:
-        meta = checkpointer.meta(step)
-        config = from_dict(meta["config"])
-        model = abstract_model(config.model, meta.get("weights"))
-        params, _, meta = checkpointer.restore(meta["step"], params_target(model, mesh))
+        step = checkpointer._require(step)
+        where = str(directory / str(step))
+        meta = _user_errors(lambda: checkpointer.meta(step), f"metadata of {where!r}")
+        if not isinstance(meta, dict) or not {"config", "step"} <= set(meta):
+            raise ValueError(f"checkpoint {where!r}: metadata lacks 'config' or 'step'")
+        try:
+            config = from_dict(meta["config"])
+            model = abstract_model(config.model, meta.get("weights"))
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"checkpoint {where!r}: bad metadata: {e}") from None
+        target = params_target(model, mesh)
+        params, _, meta = _user_errors(
+            lambda: checkpointer.restore(meta["step"], target), f"parameters of {where!r}"
+        )
     finally:
         checkpointer.close()
     graphdef, _ = nnx.split(model)

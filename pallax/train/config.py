@@ -18,6 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from pallax._checks import check_float, check_int
 from pallax.models import TransformerConfig
 
 # Model presets. "tiny" trains on a 2-core CPU in minutes; "1b" is a Llama-3.2-1B
@@ -82,6 +83,7 @@ class TrainConfig:
     peak_tflops: float | None = None  # per device, for MFU; None = known GPUs only
 
     def __post_init__(self):
+        self._validate_types()
         positive = ("seq_len", "batch_size", "steps", "grad_accum", "log_every", "eval_batches")
         for name in positive:
             if getattr(self, name) < 1:
@@ -105,6 +107,35 @@ class TrainConfig:
             raise ValueError(
                 f"clip_norm={self.clip_norm} and weight_decay={self.weight_decay} must be >= 0"
             )
+
+    def _validate_types(self):
+        """Every field's type (and the mesh spec's syntax), naming the field."""
+        if not isinstance(self.model, TransformerConfig):
+            raise ValueError(f"model must be a TransformerConfig, got {type(self.model).__name__}")
+        ints = (
+            "seq_len", "batch_size", "steps", "grad_accum", "warmup_steps", "seed", "eval_every",
+            "eval_batches", "log_every", "checkpoint_every", "keep_checkpoints",
+        )  # fmt: skip
+        for name in ints:
+            check_int(name, getattr(self, name))
+        floats = (
+            "learning_rate", "min_lr_ratio", "weight_decay", "adam_b1", "adam_b2", "clip_norm",
+            "validation_fraction",
+        )  # fmt: skip
+        for name in floats:
+            check_float(name, getattr(self, name))
+        for name in ("adam_b1", "adam_b2"):
+            check_float(name, getattr(self, name), minimum=0.0, maximum=1.0, open_max=True)
+        if self.peak_tflops is not None:
+            check_float("peak_tflops", self.peak_tflops, minimum=0.0, open_min=True)
+        for name in ("data", "tokenizer", "mesh"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string or None, got {value!r}")
+        if self.mesh is not None:
+            from pallax.sharding import parse_mesh_spec
+
+            parse_mesh_spec(self.mesh)
 
     @property
     def tokens_per_step(self) -> int:
@@ -145,6 +176,8 @@ def to_dict(config: TrainConfig) -> dict[str, Any]:
 
 def from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
     """Builds a TrainConfig from ``values`` on top of ``base`` (or of ``values["preset"]``)."""
+    if not isinstance(values, dict):
+        raise ValueError(f"settings must be a dict, got {type(values).__name__}")
     values = dict(values)
     preset = values.pop("preset", None)
     if base is None:
@@ -156,13 +189,16 @@ def from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainC
         raise ValueError(
             f"unknown training setting(s) {sorted(unknown)}; valid: {sorted(_fields(TrainConfig))}"
         )
-    model = {**dataclasses.asdict(base.model), **(values.pop("model", None) or {})}
+    model_values = values.pop("model", None) or {}
+    if not isinstance(model_values, dict):
+        raise ValueError(f"'model' must be a table of model settings, got {model_values!r}")
+    model = {**dataclasses.asdict(base.model), **model_values}
     train = {**{k: v for k, v in to_dict(base).items() if k != "model"}, **values}
     return TrainConfig(model=_model_config(model), **train)
 
 
 def preset_config(name: str) -> TrainConfig:
-    if name not in MODEL_PRESETS:
+    if not isinstance(name, str) or name not in MODEL_PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
     return TrainConfig(model=TransformerConfig(**MODEL_PRESETS[name]), **TRAIN_PRESETS[name])
 
@@ -172,7 +208,10 @@ def load_config(path: str | Path) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} not found")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {str(path)!r} is not UTF-8 text ({e.reason})") from None
     try:
         if path.suffix == ".toml":
             values = tomllib.loads(text)
@@ -186,5 +225,5 @@ def load_config(path: str | Path) -> TrainConfig:
         raise ValueError(f"{str(path)!r} must hold a table/object of settings")
     try:
         return from_dict(values)
-    except TypeError as e:  # wrong value types reach the dataclass checks as TypeErrors
-        raise ValueError(f"bad setting in {str(path)!r}: {e}") from e
+    except (TypeError, ValueError) as e:  # name the file as well as the setting
+        raise ValueError(f"bad setting in {str(path)!r}: {e}") from None

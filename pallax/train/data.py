@@ -55,7 +55,10 @@ class HFTokenizer:
             ) from e
         self.path = str(path)
         self.name = self.path
-        self._tokenizer = Tokenizer.from_file(self.path)
+        try:
+            self._tokenizer = Tokenizer.from_file(self.path)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise ValueError(f"tokenizer file {self.path!r} cannot be loaded: {e}") from None
         self.vocab_size = self._tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> np.ndarray:
@@ -83,7 +86,10 @@ def load_tokens(data: str | None, tokenizer) -> np.ndarray:
     if not path.exists():
         raise FileNotFoundError(f"training data {data!r} not found")
     if path.suffix == ".npy":
-        tokens = np.load(path)
+        try:
+            tokens = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{data}: not a readable .npy token array ({e})") from None
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(
                 f"{data}: expected a 1D integer token array, got {tokens.dtype}{tokens.shape}"
@@ -97,7 +103,13 @@ def load_tokens(data: str | None, tokenizer) -> np.ndarray:
     files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
     if not files:
         raise ValueError(f"no *.txt files in directory {data!r}")
-    return tokenizer.encode("\n\n".join(f.read_text(encoding="utf-8") for f in files))
+    texts = []
+    for file in files:
+        try:
+            texts.append(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"training text {str(file)!r} is not UTF-8 ({e.reason})") from None
+    return tokenizer.encode("\n\n".join(texts))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -123,6 +123,8 @@ class Trainer:
         progress: bool = True,
         log=print,
     ):
+        if not isinstance(config, TrainConfig):
+            raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.config = config
         self.is_main = jax.process_index() == 0
         self._log = log if self.is_main else (lambda *_: None)
@@ -134,8 +136,16 @@ class Trainer:
             )
         if tokens is None:
             tokens = data_lib.load_tokens(config.data, self.tokenizer)
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be 1D integer ids, got {tokens.dtype}{tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= config.model.vocab_size):
+            raise ValueError(
+                f"tokens span [{tokens.min()}, {tokens.max()}], outside the model's "
+                f"vocab_size={config.model.vocab_size}"
+            )
         self.dataset = data_lib.TokenDataset.split(
-            np.asarray(tokens, np.int32), config.seq_len, config.validation_fraction
+            tokens.astype(np.int32), config.seq_len, config.validation_fraction
         )
         self.mesh = mesh if mesh is not None else default_mesh(config.mesh)
         if self.mesh is not None:
