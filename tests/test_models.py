@@ -165,6 +165,22 @@ def test_converted_models_stay_close_and_shrink(convert, kind, max_rel_err, max_
     assert model_nbytes(converted) < model_nbytes(dense)
 
 
+def test_family_options_convert_like_llama():
+    """W8 and Wanda-50% conversions of the all-options model: biases and q/k norms stay
+    dense, outputs stay close, generation runs through the converted kernels."""
+    x = tokens((2, 16))
+    dense = family_model()
+    ref = np.asarray(dense(x))
+    w8 = quantize_model(family_model(), bits=8)
+    assert isinstance(w8.blocks[0].attention.q_proj.kernel.get_value(), QuantizedWeight)
+    assert w8.blocks[0].attention.q_proj.bias.get_value().shape == (64,)
+    assert np.abs(np.asarray(w8(x)) - ref).max() < 0.05 * np.abs(ref).max()
+    sparse = sparsify_model(family_model(), 0.5, "wanda", calibration=x)
+    assert isinstance(sparse.blocks[2].mlp.up_proj.kernel.get_value(), SparseWeight)
+    assert np.abs(np.asarray(sparse(x)) - ref).max() < 0.8 * np.abs(ref).max()
+    assert np.asarray(generate(sparse, x[:, :6], 3)).shape == (2, 3)
+
+
 def test_wanda_and_lkd_conversions_use_calibration():
     x = tokens((2, 16))
     with pytest.raises(ValueError, match="needs calibration tokens"):
