@@ -170,6 +170,64 @@ def test_preset_train_step_lowers_with_kernels(preset):
     assert text.count("mosaic_gpu") >= 3 * config.model.num_layers
 
 
+def test_gemma_like_train_step_and_decode_lower_with_kernels():
+    """A Gemma-2-like model (local/global layers, head_dim 128, soft caps, q/k norms,
+    q/k/v biases): its train step and a decode step lower with the Mosaic kernels."""
+    import optax
+    from flax import nnx
+
+    from benchmarks.generation import GEMMA_OPTIONS
+    from pallax.models import Transformer, TransformerConfig
+    from pallax.models.generate import _decode_step
+    from pallax.train import cross_entropy
+
+    config = TransformerConfig(
+        vocab_size=1024,
+        embed_dim=512,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=128,
+        mlp_dim=1024,
+        layer_windows=(256, None),
+        qkv_bias=True,
+        qk_norm=True,
+        local_rope_theta=1e4,
+        attention_implementation="mosaic",
+        **{**GEMMA_OPTIONS, "query_pre_attn_scalar": 128.0},
+    )
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model)
+    optimizer = optax.adamw(1e-4)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    tokens = jax.ShapeDtypeStruct((1, 1025), jnp.int32)
+
+    def step(params, opt_state, tokens):
+        def loss(params):
+            logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+            return cross_entropy(logits, tokens[:, 1:])
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    text = testing.lower_for_cuda(step, params, opt_state, tokens).mlir_module()
+    assert text.count("mosaic_gpu") >= 3 * config.num_layers
+
+    # Decode: the local layer's ring cache of 256 slots, the global layer's flat 2048.
+    caches = [
+        tuple(jax.ShapeDtypeStruct((2, slots, 2, 128), jnp.bfloat16) for _ in range(2))
+        for slots in (256, 2048)
+    ]
+    ids = jax.ShapeDtypeStruct((2,), jnp.int32)
+
+    def decode(params, caches, tokens, positions):
+        return _decode_step(nnx.merge(graphdef, params), caches, tokens, positions)
+
+    text = testing.lower_for_cuda(decode, params, caches, ids, ids).mlir_module()
+    assert "mosaic_gpu" in text
+
+
 @pytest.mark.parametrize("split", ["out", "in"])
 @pytest.mark.parametrize("bits, act_bits", [(8, None), (4, None), (8, 8)])
 def test_tensor_parallel_quantized_layers_with_the_kernel_lower(split, bits, act_bits):
