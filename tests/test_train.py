@@ -527,3 +527,24 @@ def test_tensor_parallel_sparse_checkpoint_loads_on_any_mesh(tmp_path):
         with jax.set_mesh(mesh):
             got = np.asarray(loaded(tokens), np.float32)
         np.testing.assert_allclose(got, expected, atol=2e-2)
+
+
+def test_cli_trains_and_generates_a_gemma_style_model(tmp_path):
+    """`pallax train --set model.<family option>=...` then `pallax generate` from its
+    checkpoint (the options are recorded in the checkpoint's description)."""
+    options = {k: v for k, v in FAMILY_MODEL.items() if k not in SMALL_MODEL or SMALL_MODEL[k] != v}
+    options["sequence_method"] = "ulysses"
+    flags = [arg for k, v in options.items() for arg in ("--set", f"model.{k}={json.dumps(v)}")]
+    run = tmp_path / "run"
+    trained = run_cli(["train", *SMALL_FLAGS, *flags, "--steps", "2", "--out", str(run)])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    model, _ = load_model(run / "checkpoints")
+    assert model.config.attention_logits_soft_cap == 5.0 and model.config.layer_windows == (
+        16,
+        16,
+        None,
+    )
+    generated = run_cli(["generate", "--checkpoint", str(run), "--prompt", "The ",
+                         "--max-new-tokens", "20"])  # fmt: skip
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert generated.stdout.startswith("The ")
