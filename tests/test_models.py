@@ -274,3 +274,19 @@ def test_sharded_converted_models_match_single_device(convert):
             np.testing.assert_array_equal(got_tokens, ref_tokens)
     # Row-parallel W8A8 quantizes activations per tensor shard: small differences.
     np.testing.assert_allclose(np.asarray(out), ref, atol=2e-2 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("mlp_activation", "relu", "mlp_activation 'relu' must be one of"),
+        ("attention_logits_soft_cap", 0.0, "attention_logits_soft_cap must be a finite number"),
+        ("final_logits_soft_cap", float("inf"), "final_logits_soft_cap must be a finite number"),
+        ("query_pre_attn_scalar", True, "query_pre_attn_scalar must be a finite number"),
+        ("local_rope_theta", -1.0, "local_rope_theta must be a finite number"),
+        ("norm_weight_offset", 0.5, "norm_weight_offset must be 0"),
+    ],
+)
+def test_family_option_validation(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TransformerConfig(**{field: value})

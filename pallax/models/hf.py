@@ -55,7 +55,13 @@ TEXT_ONLY = {
     ),
 }
 _QWEN_DEFAULTS = dict(use_sliding_window=False, sliding_window=4096, max_window_layers=28)
-_GEMMA_DEFAULTS = dict(
+_GEMMA_DEFAULTS = dict(  # shapes too: multimodal text_configs often omit them
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    rms_norm_eps=1e-6,
     head_dim=256,
     query_pre_attn_scalar=256,
     sliding_window=4096,
@@ -69,11 +75,12 @@ FAMILY_DEFAULTS = {
     "qwen3": {**_QWEN_DEFAULTS, "head_dim": 128, "rope_theta": 10000.0},
     "gemma2": {
         **_GEMMA_DEFAULTS,
+        "vocab_size": 256000,
         "final_logit_softcapping": 30.0,
         "attn_logit_softcapping": 50.0,
         "rope_theta": 10000.0,
     },
-    "gemma3": {**_GEMMA_DEFAULTS, "sliding_window_pattern": 6},
+    "gemma3": {**_GEMMA_DEFAULTS, "vocab_size": 262_208, "sliding_window_pattern": 6},
 }
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 _MODEL_TYPES = {
@@ -138,7 +145,7 @@ def _reject_unsupported_options(hf: dict, family: str) -> None:
 
 def _layer_windows(hf: dict, family: str, get) -> tuple[int | None, ...]:
     """Per-layer windows from ``layer_types`` (or the family's default pattern)."""
-    num_layers = hf["num_hidden_layers"]
+    num_layers = get("num_hidden_layers")
     window = get("sliding_window")
     if family.startswith("qwen") and not get("use_sliding_window"):
         window = None  # transformers ignores sliding_window then
@@ -188,6 +195,11 @@ def _family_config_from_hf(hf: dict, family: str) -> TransformerConfig:
     def get(key):
         return hf.get(key, defaults.get(key))
 
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+    missing = [key for key in (*required, "intermediate_size") if get(key) is None]
+    if missing:
+        raise ValueError(f"{family} config.json lacks {missing}")
+
     _reject_unsupported_options(hf, family)
     windows = _layer_windows(hf, family, get)
     theta, scaling, local_theta = _family_rope(hf, family, get)
@@ -197,16 +209,16 @@ def _family_config_from_hf(hf: dict, family: str) -> TransformerConfig:
         (get("attn_logit_softcapping"), get("final_logit_softcapping")) if gemma else (None, None)
     )
     return TransformerConfig(
-        vocab_size=hf["vocab_size"],
-        embed_dim=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        vocab_size=get("vocab_size"),
+        embed_dim=get("hidden_size"),
+        num_layers=get("num_hidden_layers"),
+        num_heads=get("num_attention_heads"),
+        num_kv_heads=get("num_key_value_heads") or get("num_attention_heads"),
         head_dim=get("head_dim"),
-        mlp_dim=hf["intermediate_size"],
+        mlp_dim=get("intermediate_size"),
         rope_theta=theta,
         rope_scaling=scaling,
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        norm_eps=get("rms_norm_eps") or 1e-6,
         sliding_window=windows[0] if uniform else None,
         layer_windows=None if uniform else windows,
         tie_embeddings=bool(get("tie_word_embeddings")),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -169,8 +170,14 @@ class TransformerConfig:
             "local_rope_theta",
         ):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{name} must be a number > 0 or None, got {value!r}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if value is not None and not (number and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0 or None, got {value!r}")
+        if self.norm_weight_offset not in (0.0, 1.0):
+            raise ValueError(
+                f"norm_weight_offset must be 0 (Llama: x * w) or 1 (Gemma: x * (1 + w)), "
+                f"got {self.norm_weight_offset!r}"
+            )
 
     @property
     def dim_per_head(self) -> int:
