@@ -34,7 +34,6 @@ from pallax.models.transformer import (
     logical_shardings,
 )
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
 # Architecture -> family; each family's config.json defaults (as transformers 5's
 # config classes) for keys a file may omit.
 FAMILIES = {
