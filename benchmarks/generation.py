@@ -2,6 +2,7 @@
 
     python -m benchmarks.generation              # GPU: ~1B-parameter config
     python -m benchmarks.generation --quick      # tiny config, any backend
+    python -m benchmarks.generation --model gemma [--variants dense,w4]  # Gemma-2-like
 
 Reports decode tokens/s and achieved bandwidth = (weight bytes + KV-cache bytes
 read per step) / step time. Step time = (time for N new tokens - time for 1) /
@@ -42,6 +43,42 @@ TINY = TransformerConfig(
     num_kv_heads=2,
     mlp_dim=256,
     sliding_window=64,
+)
+
+# Gemma-2-like ~1B: local (4096) / global layers alternating, head_dim 256, query scale
+# 1/sqrt(256), attention soft cap 50 (in the decode kernel) and final-logit cap 30,
+# sandwich norms, GeGLU. Vocabulary as ONE_B so the head costs the same.
+GEMMA_OPTIONS = dict(
+    norm_weight_offset=1.0,
+    sandwich_norms=True,
+    mlp_activation="gelu_tanh",
+    scale_embeddings=True,
+    query_pre_attn_scalar=256.0,
+    attention_logits_soft_cap=50.0,
+    final_logits_soft_cap=30.0,
+    tie_embeddings=True,
+)
+GEMMA_LIKE = TransformerConfig(
+    vocab_size=32000,
+    embed_dim=2048,
+    num_layers=16,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=256,
+    mlp_dim=8192,
+    layer_windows=(4096, None) * 8,
+    **GEMMA_OPTIONS,
+)
+GEMMA_TINY = TransformerConfig(
+    vocab_size=256,
+    embed_dim=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    mlp_dim=256,
+    layer_windows=(16, None),
+    **GEMMA_OPTIONS,
 )
 
 VARIANTS = {
@@ -131,11 +168,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--model", choices=("llama", "gemma"), default="llama")
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), help="names, space or comma separated"
+    )
     args = parser.parse_args(argv)
+    variants = tuple(v for arg in args.variants for v in arg.split(",") if v)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or "dense" not in variants:
+        parser.error(f"--variants must include dense and name only {tuple(VARIANTS)}")
+    gemma = args.model == "gemma"
     if args.quick:
-        return run(TINY, [2], 16, 48, args.variants)
-    return run(ONE_B, [1, 16], 128, args.new, args.variants)
+        return run(GEMMA_TINY if gemma else TINY, [2], 16, 48, variants)
+    return run(GEMMA_LIKE if gemma else ONE_B, [1, 16], 128, args.new, variants)
 
 
 if __name__ == "__main__":

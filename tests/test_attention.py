@@ -176,3 +176,80 @@ def test_bad_config_raises():
         AttentionConfig(block_kv=96)
     with pytest.raises(ValueError, match="max_concurrent_steps=1"):
         AttentionConfig(max_concurrent_steps=1)
+
+
+def soft_capped_reference(q, k, v, *, scale, cap, left, right):
+    """Independent fp32 attention with Gemma 2's soft cap: einsum, tanh, mask, softmax."""
+    q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, precision="highest") * scale
+    logits = cap * jnp.tanh(logits / cap)
+    i = jnp.arange(q.shape[1])[:, None]
+    j = jnp.arange(k.shape[1])[None, :]
+    visible = (j >= i - left) & (j <= i + right)
+    probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", probs, v, precision="highest")
+
+
+# (batch, q_len, kv_len, heads, kv_heads, head_dim, is_causal, window, dtype); logits
+# have std ~4 (scale 0.5) against a cap of 3, so the cap changes most probabilities.
+SOFT_CAP_CASES = [
+    (1, 200, 200, 4, 2, 64, True, (40, 0), jnp.bfloat16),
+    (1, 130, 150, 2, 1, 64, False, None, jnp.float16),
+]
+
+
+@pytest.mark.parametrize("impl", ["xla", "mosaic"])
+@pytest.mark.parametrize("case", SOFT_CAP_CASES, ids=lambda c: "-".join(map(str, c[:8])))
+def test_logits_soft_cap_matches_reference(case, impl):
+    b, t, s, h, kh, d, is_causal, window, dtype = case
+    if impl == "xla" and dtype == jnp.float16:
+        pytest.skip("XLA:CPU has no f16 x f16 -> f32 dot")
+    q, k, v, do = random_qkv(5, b, t, s, h, kh, d, dtype)
+    scale, cap = 0.5, 3.0
+    left, right = normalize_window(is_causal, window, t, s)
+
+    def loss(attend, q, k, v):
+        out = attend(q, k, v)
+        return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)), out
+
+    ours = functools.partial(
+        dot_product_attention,
+        scale=scale,
+        is_causal=is_causal,
+        local_window_size=window,
+        logits_soft_cap=cap,
+        implementation=impl,
+    )
+    run = jax.jit(jax.value_and_grad(functools.partial(loss, ours), (0, 1, 2), has_aux=True))
+    if impl == "mosaic":
+        with testing.gpu_interpret():
+            (_, out), grads = run(q, k, v)
+    else:
+        (_, out), grads = run(q, k, v)
+    reference = functools.partial(
+        soft_capped_reference, scale=scale, cap=cap, left=left, right=right
+    )
+    (_, ref_out), ref_grads = jax.value_and_grad(
+        functools.partial(loss, reference), (0, 1, 2), has_aux=True
+    )(q, k, v)
+    as32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(as32(out), as32(ref_out), atol=tol, rtol=tol)
+    for name, g, g_ref in zip("qkv", grads, ref_grads, strict=True):
+        g_scale = max(1.0, float(np.abs(as32(g_ref)).max()))
+        np.testing.assert_allclose(
+            as32(g), as32(g_ref), atol=2 * tol * g_scale, rtol=2 * tol, err_msg=f"d{name}"
+        )
+    # The cap matters at this scale: without it the output is far from the reference.
+    as_f32 = (x.astype(jnp.float32) for x in (q, k, v))
+    uncapped = functools.partial(ours, logits_soft_cap=None, implementation="xla")(*as_f32)
+    assert np.abs(as32(uncapped) - as32(ref_out)).max() > 10 * tol
+
+
+@pytest.mark.parametrize("cap", [0.0, -1.0, float("inf"), "50", True])
+def test_bad_logits_soft_cap_raises(cap):
+    q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="logits_soft_cap"):
+        dot_product_attention(q, q, q, logits_soft_cap=cap)

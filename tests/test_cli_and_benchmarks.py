@@ -52,6 +52,14 @@ def test_generation_benchmark_quick():
     assert all(r[2] > 0 for r in rows)
 
 
+def test_generation_benchmark_gemma_like_quick():
+    """The Gemma-like configuration (local/global layers, soft caps) decodes past its window."""
+    from benchmarks import generation
+
+    rows = generation.main(["--quick", "--model", "gemma", "--variants", "dense,w4"])
+    assert [r[0] for r in rows] == ["dense", "w4"] and all(r[2] > 0 for r in rows)
+
+
 def test_train_benchmark_quick():
     from benchmarks import train
 

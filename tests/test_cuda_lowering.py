@@ -49,6 +49,47 @@ def test_decode_lowers(head_dim, num_new, window, rolling):
     assert "mosaic_gpu" in exported.mlir_module()
 
 
+@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("window", [None, 4096])
+def test_soft_capped_attention_lowers(head_dim, window):
+    """Gemma 2 (head_dim 256, window 4096, cap 50) and a head_dim-128 variant:
+    forward, dQ and dK/dV kernels with the tanh soft cap inside."""
+    q = jax.ShapeDtypeStruct((1, 1000, 8, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1000, 4, head_dim), jnp.bfloat16)
+    attend = functools.partial(
+        dot_product_attention,
+        is_causal=True,
+        local_window_size=window,
+        logits_soft_cap=50.0,
+        implementation="mosaic",
+    )
+
+    def loss(q, k, v):
+        return attend(q, k, v).astype(jnp.float32).sum()
+
+    exported = testing.lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, kv, kv)
+    module = exported.mlir_module()
+    # head_dim 256 differentiates the XLA reference (documented): one kernel, else three.
+    assert module.count("mosaic_gpu") >= (1 if head_dim == 256 else 3)
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("window, rolling", [(None, False), (4096, True)])
+def test_soft_capped_decode_lowers(head_dim, window, rolling):
+    q = jax.ShapeDtypeStruct((4, 1, 8, head_dim), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((4, 4096, 4, head_dim), jnp.bfloat16)
+    lengths = jax.ShapeDtypeStruct((4,), jnp.int32)
+    run = functools.partial(
+        decode_attention,
+        local_window_size=None if window is None else window - 1,
+        rolling=rolling,
+        logits_soft_cap=50.0,
+        implementation="mosaic",
+    )
+    exported = testing.lower_for_cuda(run, q, cache, cache, lengths)
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
 @pytest.mark.parametrize(
     "method, window", [("ulysses", None), ("ulysses", 512), ("halo", 256), ("ring", 256)]
 )
@@ -152,6 +193,64 @@ def test_preset_train_step_lowers_with_kernels(preset):
     text = exported.mlir_module()
     # Forward, dQ and dK/dV kernels for every layer.
     assert text.count("mosaic_gpu") >= 3 * config.model.num_layers
+
+
+def test_gemma_like_train_step_and_decode_lower_with_kernels():
+    """A Gemma-2-like model (local/global layers, head_dim 128, soft caps, q/k norms,
+    q/k/v biases): its train step and a decode step lower with the Mosaic kernels."""
+    import optax
+    from flax import nnx
+
+    from benchmarks.generation import GEMMA_OPTIONS
+    from pallax.models import Transformer, TransformerConfig
+    from pallax.models.generate import _decode_step
+    from pallax.train import cross_entropy
+
+    config = TransformerConfig(
+        vocab_size=1024,
+        embed_dim=512,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=128,
+        mlp_dim=1024,
+        layer_windows=(256, None),
+        qkv_bias=True,
+        qk_norm=True,
+        local_rope_theta=1e4,
+        attention_implementation="mosaic",
+        **{**GEMMA_OPTIONS, "query_pre_attn_scalar": 128.0},
+    )
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model)
+    optimizer = optax.adamw(1e-4)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    tokens = jax.ShapeDtypeStruct((1, 1025), jnp.int32)
+
+    def step(params, opt_state, tokens):
+        def loss(params):
+            logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+            return cross_entropy(logits, tokens[:, 1:])
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    text = testing.lower_for_cuda(step, params, opt_state, tokens).mlir_module()
+    assert text.count("mosaic_gpu") >= 3 * config.num_layers
+
+    # Decode: the local layer's ring cache of 256 slots, the global layer's flat 2048.
+    caches = [
+        tuple(jax.ShapeDtypeStruct((2, slots, 2, 128), jnp.bfloat16) for _ in range(2))
+        for slots in (256, 2048)
+    ]
+    ids = jax.ShapeDtypeStruct((2,), jnp.int32)
+
+    def decode(params, caches, tokens, positions):
+        return _decode_step(nnx.merge(graphdef, params), caches, tokens, positions)
+
+    text = testing.lower_for_cuda(decode, params, caches, ids, ids).mlir_module()
+    assert "mosaic_gpu" in text
 
 
 @pytest.mark.parametrize("split", ["out", "in"])

@@ -1,5 +1,7 @@
 """Transformer: cached generation vs recomputation, conversions, sharding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +56,48 @@ def test_cached_greedy_generation_equals_recomputation_past_the_window():
     prompt = tokens((2, 6))
     got = generate(m, prompt, 12)  # 18 tokens: past both windows (5 and 7)
     np.testing.assert_array_equal(np.asarray(got), greedy_by_recomputation(m, prompt, 12))
+
+
+# Every family option at once (Gemma 2/3 + Qwen2.5 bias + Qwen3-style q/k norms): local
+# layers of 5 and 7 around a global one, soft caps small enough to bite at this init.
+FAMILY_CONFIG = dataclasses.replace(
+    CONFIG,
+    qkv_bias=True,
+    qk_norm=True,
+    norm_weight_offset=1.0,
+    sandwich_norms=True,
+    mlp_activation="gelu_tanh",
+    scale_embeddings=True,
+    query_pre_attn_scalar=24.0,
+    attention_logits_soft_cap=0.5,
+    final_logits_soft_cap=3.0,
+    rope_theta=1e6,
+    local_rope_theta=1e4,
+)
+
+
+def family_model(seed=0):
+    """FAMILY_CONFIG with every parameter (norm scales and biases too) moved off its init."""
+    m = model(FAMILY_CONFIG, seed)
+    state = nnx.state(m, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(seed + 10), len(jax.tree.leaves(state))))
+    nnx.update(m, jax.tree.map(lambda x: x + 0.2 * jax.random.normal(next(keys), x.shape), state))
+    return m
+
+
+def test_family_options_generation_equals_recomputation_past_the_window():
+    m = family_model()
+    prompt = tokens((2, 6))
+    got = np.asarray(generate(m, prompt, 12))  # 18 tokens: past both windows (5 and 7)
+    np.testing.assert_array_equal(got, greedy_by_recomputation(m, prompt, 12))
+    assert len(set(got.ravel().tolist())) > 4  # not a degenerate repetition
+    # The attention soft cap is live in both paths: without it the logits move.
+    uncapped = nnx.clone(m)
+    uncapped.config = dataclasses.replace(FAMILY_CONFIG, attention_logits_soft_cap=None)
+    for block in uncapped.blocks:
+        block.attention.config = uncapped.config
+    x = jnp.asarray(tokens((2, 12)))
+    assert np.abs(np.asarray(uncapped(x)) - np.asarray(m(x))).max() > 0.05
 
 
 def test_batched_prompts_of_different_lengths_match_single_runs():
@@ -125,6 +169,22 @@ def test_converted_models_stay_close_and_shrink(convert, kind, max_rel_err, max_
     # Block weights vs the same weights in bf16.
     assert block_bytes(converted) < max_size * block_bytes(dense) / 2 * 2
     assert model_nbytes(converted) < model_nbytes(dense)
+
+
+def test_family_options_convert_like_llama():
+    """W8 and Wanda-50% conversions of the all-options model: biases and q/k norms stay
+    dense, outputs stay close, generation runs through the converted kernels."""
+    x = tokens((2, 16))
+    dense = family_model()
+    ref = np.asarray(dense(x))
+    w8 = quantize_model(family_model(), bits=8)
+    assert isinstance(w8.blocks[0].attention.q_proj.kernel.get_value(), QuantizedWeight)
+    assert w8.blocks[0].attention.q_proj.bias.get_value().shape == (64,)
+    assert np.abs(np.asarray(w8(x)) - ref).max() < 0.05 * np.abs(ref).max()
+    sparse = sparsify_model(family_model(), 0.5, "wanda", calibration=x)
+    assert isinstance(sparse.blocks[2].mlp.up_proj.kernel.get_value(), SparseWeight)
+    assert np.abs(np.asarray(sparse(x)) - ref).max() < 0.8 * np.abs(ref).max()
+    assert np.asarray(generate(sparse, x[:, :6], 3)).shape == (2, 3)
 
 
 def test_wanda_and_lkd_conversions_use_calibration():
@@ -220,3 +280,19 @@ def test_sharded_converted_models_match_single_device(convert):
             np.testing.assert_array_equal(got_tokens, ref_tokens)
     # Row-parallel W8A8 quantizes activations per tensor shard: small differences.
     np.testing.assert_allclose(np.asarray(out), ref, atol=2e-2 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("mlp_activation", "relu", "mlp_activation 'relu' must be one of"),
+        ("attention_logits_soft_cap", 0.0, "attention_logits_soft_cap must be a finite number"),
+        ("final_logits_soft_cap", float("inf"), "final_logits_soft_cap must be a finite number"),
+        ("query_pre_attn_scalar", True, "query_pre_attn_scalar must be a finite number"),
+        ("local_rope_theta", -1.0, "local_rope_theta must be a finite number"),
+        ("norm_weight_offset", 0.5, "norm_weight_offset must be 0"),
+    ],
+)
+def test_family_option_validation(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TransformerConfig(**{field: value})

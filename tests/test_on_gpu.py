@@ -70,6 +70,59 @@ def test_attention_forward_and_backward(seq, heads, kv_heads, head_dim, causal, 
 
 
 @pytest.mark.parametrize(
+    "head_dim, window", [(128, (1023, 0)), (128, None), (256, (4095, 0)), (64, (255, 0))]
+)
+def test_soft_capped_attention_forward_and_backward(head_dim, window):
+    """Gemma 2's logit soft cap: scale 1 makes logits ~sqrt(head_dim) against a cap of 5."""
+    q, k, v, do = random_qkv(3, 1, 2048, 2048, 8, 4, head_dim, jnp.bfloat16)
+
+    def loss(q, k, v, implementation):
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            scale=1.0,
+            is_causal=True,
+            local_window_size=window,
+            logits_soft_cap=5.0,
+            implementation=implementation,
+        )
+        return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)), out
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    (dq, dk, dv), out = grad(q, k, v, "mosaic")
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    (dq_ref, dk_ref, dv_ref), out_ref = grad(*f32, "xla")
+    assert relative_error(out, out_ref) < 1e-2
+    for got, expected in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
+        assert relative_error(got, expected) < 2e-2
+
+
+@pytest.mark.parametrize("rolling", [False, True])
+def test_soft_capped_decode_attention(rolling):
+    batch, heads, kv_heads, head_dim, cache_len = 4, 8, 4, 256, 4096
+    q, k, v, _ = random_qkv(4, batch, 1, cache_len, heads, kv_heads, head_dim, jnp.bfloat16)
+    lengths = jnp.asarray([1, 900, 3000, 9 * cache_len if rolling else cache_len], jnp.int32)
+    run = jax.jit(
+        lambda q, k, v, implementation: decode_attention(
+            q,
+            k,
+            v,
+            lengths,
+            scale=1.0 / 16,
+            local_window_size=cache_len - 1 if rolling else None,
+            rolling=rolling,
+            logits_soft_cap=1.0,
+            implementation=implementation,
+        ),
+        static_argnums=3,
+    )
+    got = run(q, k, v, "mosaic")
+    expected = run(*(x.astype(jnp.float32) for x in (q, k, v)), "xla")
+    assert relative_error(got, expected) < 1e-2
+
+
+@pytest.mark.parametrize(
     "num_new, window, rolling, cache_len",
     [(1, None, False, 4096), (4, 1024, False, 4096), (1, 1024, True, 1040)],
 )

@@ -113,6 +113,35 @@ def test_sharded_attention_matches_unsharded(mesh_sizes, method, is_causal, wind
     assert_trees_close(got, ref, tol=5e-5)
 
 
+@pytest.mark.parametrize(
+    "mesh_sizes, method, window",
+    [
+        (dict(data=2, tensor=2, sequence=2), "ulysses", 6),
+        (dict(data=2, tensor=2, sequence=2), "ring", None),
+        (dict(tensor=2, sequence=4), "halo", 10),
+    ],
+)
+def test_soft_capped_sharded_attention_matches_unsharded(mesh_sizes, method, window):
+    """Gemma 2's logit soft cap through every sequence method (ring merges in XLA)."""
+    q, k, v, do = random_qkv(1, 4, 64, 64, 8, 8 if method == "ulysses" else 4, 16, jnp.float32)
+    q = q * 4  # logits of std ~4 against a cap of 2: the cap changes the result
+    options = dict(is_causal=True, local_window_size=window, logits_soft_cap=2.0)
+
+    def loss(attend, q, k, v):
+        return jnp.sum(attend(q, k, v, **options) * do)
+
+    ref = jax.value_and_grad(functools.partial(loss, dot_product_attention), (0, 1, 2))(q, k, v)
+    mesh = ps.make_mesh(**mesh_sizes)
+    sharded = functools.partial(ps.attention, sequence_method=method)
+    with jax.set_mesh(mesh):
+        args = jax.device_put((q, k, v), NamedSharding(mesh, parallel.HEADS))
+        got = jax.jit(jax.value_and_grad(functools.partial(loss, sharded), (0, 1, 2)))(*args)
+    assert_trees_close(got, ref, tol=5e-5)
+    uncapped = dot_product_attention(q, k, v, is_causal=True, local_window_size=window)
+    capped = dot_product_attention(q, k, v, **options)
+    assert np.abs(np.asarray(uncapped - capped)).max() > 0.1
+
+
 def test_halo_rejects_windows_it_cannot_serve():
     q, k, v, _ = random_qkv(0, 2, 32, 32, 4, 4, 8, jnp.float32)
     with jax.set_mesh(ps.make_mesh(data=2, sequence=4)):

@@ -141,6 +141,38 @@ def test_sharded_training_matches_single_device():
     np.testing.assert_allclose([r["loss"] for r in history], [r["loss"] for r in single], rtol=2e-3)
 
 
+# Gemma 2/3 + Qwen options on the small model: local layers of 16 with halo exchange
+# over the sequence axis, the global layer's ring attention, soft caps, biases, q/k norms.
+FAMILY_MODEL = dict(
+    SMALL_MODEL,
+    num_layers=3,
+    sliding_window=None,
+    layer_windows=[16, 16, None],
+    qkv_bias=True,
+    qk_norm=True,
+    norm_weight_offset=1.0,
+    sandwich_norms=True,
+    mlp_activation="gelu_tanh",
+    scale_embeddings=True,
+    query_pre_attn_scalar=24.0,
+    attention_logits_soft_cap=5.0,
+    final_logits_soft_cap=10.0,
+    local_rope_theta=1e4,
+    sequence_method="halo",
+)
+
+
+def test_family_options_train_sharded_like_on_one_device():
+    """fsdp x sequence x tensor = 2 x 2 x 2 steps == one device, for a Gemma/Qwen-style model;
+    its config survives the checkpoint's JSON description."""
+    config = small_config(steps=2, eval_every=0, log_every=1, model=FAMILY_MODEL)
+    assert from_dict(json.loads(config.to_json())) == config
+    single = Trainer(config, mesh=single_device_mesh(), progress=False).fit()
+    sharded = Trainer(config.replace(mesh="fsdp=2,sequence=2,tensor=2"), progress=False)
+    history = sharded.fit()
+    np.testing.assert_allclose([r["loss"] for r in history], [r["loss"] for r in single], rtol=2e-3)
+
+
 @pytest.mark.parametrize(
     "variant, mesh",
     [
@@ -495,3 +527,24 @@ def test_tensor_parallel_sparse_checkpoint_loads_on_any_mesh(tmp_path):
         with jax.set_mesh(mesh):
             got = np.asarray(loaded(tokens), np.float32)
         np.testing.assert_allclose(got, expected, atol=2e-2)
+
+
+def test_cli_trains_and_generates_a_gemma_style_model(tmp_path):
+    """`pallax train --set model.<family option>=...` then `pallax generate` from its
+    checkpoint (the options are recorded in the checkpoint's description)."""
+    options = {k: v for k, v in FAMILY_MODEL.items() if k not in SMALL_MODEL or SMALL_MODEL[k] != v}
+    options["sequence_method"] = "ulysses"
+    flags = [arg for k, v in options.items() for arg in ("--set", f"model.{k}={json.dumps(v)}")]
+    run = tmp_path / "run"
+    trained = run_cli(["train", *SMALL_FLAGS, *flags, "--steps", "2", "--out", str(run)])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    model, _ = load_model(run / "checkpoints")
+    assert model.config.attention_logits_soft_cap == 5.0 and model.config.layer_windows == (
+        16,
+        16,
+        None,
+    )
+    generated = run_cli(["generate", "--checkpoint", str(run), "--prompt", "The ",
+                         "--max-new-tokens", "20"])  # fmt: skip
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert generated.stdout.startswith("The ")

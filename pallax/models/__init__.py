@@ -1,4 +1,4 @@
-"""Flax NNX decoder transformers (Llama / Mistral family) on pallax kernels."""
+"""Flax NNX decoder transformers (Llama, Mistral, Qwen2.5, Qwen3, Gemma 2/3) on pallax kernels."""
 
 from pallax.models.convert import (
     collect_linear_inputs,

@@ -67,7 +67,7 @@ def _sample(logits, rng, temperature, top_k, top_p):
 def _decode_step(model: Transformer, caches, tokens, positions):
     """One new token per sequence: tokens/positions ``[B]`` -> (logits ``[B, V]``, caches)."""
     c = model.config
-    x = jnp.take(model.embed.get_value(), tokens[:, None], axis=0).astype(c.dtype)
+    x = model.embed_tokens(tokens[:, None])
     pos = positions[:, None]
     new_caches = []
     batch = jnp.arange(tokens.shape[0])
@@ -85,12 +85,13 @@ def _decode_step(model: Transformer, caches, tokens, positions):
             k_cache,
             v_cache,
             positions + 1,
+            scale=c.attention_scale,
             local_window_size=left,
             rolling=rolling,
+            logits_soft_cap=c.attention_logits_soft_cap,
             implementation=c.attention_implementation,
         )
-        x = x + attention.o_proj(attended.reshape(x.shape[0], 1, -1))
-        x = x + block.mlp(block.post_attention_norm(x))
+        x = block.residual_mlp(x, attention.o_proj(attended.reshape(x.shape[0], 1, -1)))
         new_caches.append((k_cache, v_cache))
     logits = model.logits(model.final_norm(x))[:, 0]
     return logits, new_caches

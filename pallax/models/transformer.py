@@ -1,7 +1,12 @@
-"""Decoder-only transformer (Llama / Mistral family) in Flax NNX.
+"""Decoder-only transformer (Llama / Mistral / Qwen2.5 / Qwen3 / Gemma 2 / Gemma 3) in Flax NNX.
 
 Token embedding, RoPE, RMSNorm, GQA attention with an optional sliding window
-per layer, SwiGLU MLP, tied or untied output head. Every projection is a
+per layer, SwiGLU MLP, tied or untied output head. Family options (all off by
+default, i.e. Llama): q/k/v bias (Qwen2.5), per-head q/k RMSNorm (Qwen3,
+Gemma 3), Gemma's ``(1 + w)`` norms, sandwich norms around attention and MLP,
+GeGLU, sqrt(embed_dim)-scaled embeddings, ``query_pre_attn_scalar``, attention
+and final-logit soft-capping (Gemma 2), a separate RoPE base for local layers
+(Gemma 3). Every projection is a
 :class:`Linear` whose weight may be dense, a ``SparseWeight`` or a
 ``QuantizedWeight``; all of them go through :func:`pallax.pallas_kernels.linear`.
 Parameters carry ``logical_axes`` metadata that :mod:`pallax.sharding` maps to a
@@ -12,6 +17,8 @@ mesh; under ``jax.set_mesh`` attention runs through ``pallax.sharding.attention`
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +41,10 @@ ROPE_SCALINGS = ("linear", "llama3")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 IMPLEMENTATIONS = (None, "mosaic", "xla")
 SEQUENCE_METHODS = ("ulysses", "ring", "halo")
+MLP_ACTIVATIONS = {  # gelu_tanh is HF's "gelu_pytorch_tanh" (Gemma's GeGLU)
+    "silu": jax.nn.silu,
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +100,18 @@ class TransformerConfig:
     the ``sliding_window - 1`` tokens before it. ``layer_windows`` overrides it
     per layer (``None`` entries are global layers), e.g. Gemma-style
     ``(4096, None) * n``.
+
+    Family options (defaults are Llama's): ``qkv_bias`` (Qwen2.5), ``qk_norm``
+    (RMSNorm over head_dim on q and k before RoPE: Qwen3, Gemma 3),
+    ``norm_weight_offset`` (1.0: norms scale by ``1 + w``, as Gemma stores
+    them), ``sandwich_norms`` (extra norms on the attention and MLP outputs,
+    Gemma 2/3), ``mlp_activation`` (``"silu"`` SwiGLU or ``"gelu_tanh"``
+    GeGLU), ``scale_embeddings`` (embeddings times ``sqrt(embed_dim)``),
+    ``query_pre_attn_scalar`` (attention scale ``s ** -0.5`` instead of
+    ``head_dim ** -0.5``), ``attention_logits_soft_cap`` and
+    ``final_logits_soft_cap`` (``cap * tanh(x / cap)``, Gemma 2),
+    ``local_rope_theta`` (RoPE base of windowed layers, which then ignore
+    ``rope_scaling``: Gemma 3).
     """
 
     vocab_size: int = 256
@@ -108,8 +131,20 @@ class TransformerConfig:
     attention_implementation: str | None = None
     sequence_method: str = "ulysses"
     remat: bool = False  # recompute each block's activations in the backward pass
+    # Family options (see the class docstring); the defaults give Llama.
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    norm_weight_offset: float = 0.0
+    sandwich_norms: bool = False
+    mlp_activation: str = "silu"
+    scale_embeddings: bool = False
+    query_pre_attn_scalar: float | None = None
+    attention_logits_soft_cap: float | None = None
+    final_logits_soft_cap: float | None = None
+    local_rope_theta: float | None = None
 
     def __post_init__(self):
+        self._check_family_options()
         if isinstance(self.rope_scaling, dict):  # from JSON / TOML configs
             unknown = set(self.rope_scaling) - {f.name for f in dataclasses.fields(RopeScaling)}
             if unknown:
@@ -153,7 +188,14 @@ class TransformerConfig:
             raise ValueError(
                 f"rope_scaling must be a RopeScaling or dict, got {self.rope_scaling!r}"
             )
-        for name in ("tie_embeddings", "remat"):
+        for name in (
+            "tie_embeddings",
+            "remat",
+            "qkv_bias",
+            "qk_norm",
+            "sandwich_norms",
+            "scale_embeddings",
+        ):
             check_bool(name, getattr(self, name))
         check_choice("dtype", self.dtype, COMPUTE_DTYPES)
         check_choice("attention_implementation", self.attention_implementation, IMPLEMENTATIONS)
@@ -163,9 +205,41 @@ class TransformerConfig:
         if head_dim % 2:
             raise ValueError(f"head dimension must be even for RoPE, got {head_dim}")
 
+    def _check_family_options(self):
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(
+                f"mlp_activation {self.mlp_activation!r} must be one of {tuple(MLP_ACTIVATIONS)}"
+            )
+        for name in (
+            "query_pre_attn_scalar",
+            "attention_logits_soft_cap",
+            "final_logits_soft_cap",
+            "local_rope_theta",
+        ):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if value is not None and not (number and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0 or None, got {value!r}")
+        if self.norm_weight_offset not in (0.0, 1.0):
+            raise ValueError(
+                f"norm_weight_offset must be 0 (Llama: x * w) or 1 (Gemma: x * (1 + w)), "
+                f"got {self.norm_weight_offset!r}"
+            )
+
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.embed_dim // self.num_heads
+
+    @property
+    def attention_scale(self) -> float:
+        """Logit scale: ``query_pre_attn_scalar ** -0.5`` if set, else ``head_dim ** -0.5``."""
+        return float((self.query_pre_attn_scalar or self.dim_per_head) ** -0.5)
+
+    def rope(self, layer: int) -> tuple[float, RopeScaling | None]:
+        """``(theta, scaling)`` of ``layer``: windowed layers use ``local_rope_theta`` if set."""
+        if self.local_rope_theta is not None and self.window(layer) is not None:
+            return self.local_rope_theta, None
+        return self.rope_theta, self.rope_scaling
 
     def window(self, layer: int) -> int | None:
         """Sliding window (in tokens, self included) of ``layer``; None = global."""
@@ -196,10 +270,23 @@ class Linear(nnx.Module):
     W8A8 once the weight is quantized.
     """
 
-    def __init__(self, in_features, out_features, logical_axes, *, parallel, rngs, scale=None):
+    def __init__(
+        self, in_features, out_features, logical_axes, *, parallel, rngs, scale=None, bias=False
+    ):
         self.kernel = _param(rngs, (in_features, out_features), logical_axes, scale)
+        # A dense bias (Qwen2.5's q/k/v) stays dense when the kernel is sparsified/quantized.
+        self.bias = (
+            nnx.Param(jnp.zeros((out_features,), jnp.float32), logical_axes=logical_axes[1:])
+            if bias
+            else None
+        )
         self.parallel = parallel
         self.act_bits: int | None = None
+
+    def _add_bias(self, y):
+        if self.bias is None:
+            return y
+        return y + self.bias.get_value().astype(y.dtype)
 
     def __call__(self, x):
         if _captured_inputs is not None:
@@ -209,19 +296,24 @@ class Linear(nnx.Module):
         split = mesh.shape.get(ps.TENSOR, 1) > 1 or isinstance(w, SparseShards)
         if not mesh.empty and split:
             wrapper = ps.column_parallel if self.parallel == "column" else ps.row_parallel
-            return wrapper(x, w, act_bits=self.act_bits)
-        return linear(x, w, act_bits=self.act_bits)
+            return self._add_bias(wrapper(x, w, act_bits=self.act_bits))
+        return self._add_bias(linear(x, w, act_bits=self.act_bits))
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("norm",))
+    """RMSNorm over the last axis; multiplies by ``offset + scale`` (Gemma: offset 1,
+    scale stored around 0; Llama: offset 0, scale around 1), in float32."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        init = jnp.full((dim,), 1.0 - offset, jnp.float32)  # identity at init either way
+        self.scale = nnx.Param(init, logical_axes=("norm",))
         self.eps = eps
+        self.offset = offset
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale.get_value()).astype(x.dtype)
+        return (normed * (self.offset + self.scale.get_value())).astype(x.dtype)
 
 
 def rope(x, positions, theta: float, scaling: RopeScaling | None = None):
@@ -240,10 +332,14 @@ class Attention(nnx.Module):
     def __init__(self, config: TransformerConfig, layer: int, *, rngs):
         e, h, kh, d = config.embed_dim, config.num_heads, config.num_kv_heads, config.dim_per_head
         self.config, self.layer = config, layer
-        self.q_proj = Linear(e, h * d, ("embed", "heads"), parallel="column", rngs=rngs)
-        self.k_proj = Linear(e, kh * d, ("embed", "kv_heads"), parallel="column", rngs=rngs)
-        self.v_proj = Linear(e, kh * d, ("embed", "kv_heads"), parallel="column", rngs=rngs)
+        column = functools.partial(Linear, parallel="column", rngs=rngs, bias=config.qkv_bias)
+        self.q_proj = column(e, h * d, ("embed", "heads"))
+        self.k_proj = column(e, kh * d, ("embed", "kv_heads"))
+        self.v_proj = column(e, kh * d, ("embed", "kv_heads"))
         self.o_proj = Linear(h * d, e, ("heads", "embed"), parallel="row", rngs=rngs)
+        norm = functools.partial(RMSNorm, d, config.norm_eps, config.norm_weight_offset)
+        self.q_norm = norm() if config.qk_norm else None
+        self.k_norm = norm() if config.qk_norm else None
 
     def qkv(self, x, positions):
         c = self.config
@@ -251,7 +347,10 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(b, t, c.num_heads, c.dim_per_head)
         k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.dim_per_head)
         v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.dim_per_head)
-        q, k = (rope(x, positions, c.rope_theta, c.rope_scaling) for x in (q, k))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        theta, scaling = c.rope(self.layer)
+        q, k = (rope(x, positions, theta, scaling) for x in (q, k))
         return q, k, v
 
     def __call__(self, x, positions):
@@ -265,8 +364,10 @@ class Attention(nnx.Module):
                 q,
                 k,
                 v,
+                scale=c.attention_scale,
                 is_causal=True,
                 local_window_size=window,
+                logits_soft_cap=c.attention_logits_soft_cap,
                 implementation=c.attention_implementation,
             )
         else:
@@ -280,6 +381,8 @@ class Attention(nnx.Module):
                 is_causal=True,
                 local_window_size=window,
                 sequence_method=method,
+                scale=c.attention_scale,
+                logits_soft_cap=c.attention_logits_soft_cap,
                 implementation=c.attention_implementation,
             )
         return self.o_proj(out.reshape(*x.shape[:2], -1)), (k, v)
@@ -291,22 +394,43 @@ class MLP(nnx.Module):
         self.gate_proj = Linear(e, f, ("embed", "mlp"), parallel="column", rngs=rngs)
         self.up_proj = Linear(e, f, ("embed", "mlp"), parallel="column", rngs=rngs)
         self.down_proj = Linear(f, e, ("mlp", "embed"), parallel="row", rngs=rngs)
+        self.activation = config.mlp_activation
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = MLP_ACTIVATIONS[self.activation](self.gate_proj(x))
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class Block(nnx.Module):
+    """Pre-norm block. ``post_attention_norm`` is the norm before the MLP (HF Llama's
+    ``post_attention_layernorm``); with ``sandwich_norms`` (Gemma) the attention and
+    MLP outputs are normed too (``attention_out_norm``, ``mlp_out_norm``)."""
+
     def __init__(self, config: TransformerConfig, layer: int, *, rngs):
-        self.input_norm = RMSNorm(config.embed_dim, config.norm_eps)
+        norm = functools.partial(
+            RMSNorm, config.embed_dim, config.norm_eps, config.norm_weight_offset
+        )
+        self.input_norm = norm()
         self.attention = Attention(config, layer, rngs=rngs)
-        self.post_attention_norm = RMSNorm(config.embed_dim, config.norm_eps)
+        self.post_attention_norm = norm()
         self.mlp = MLP(config, rngs=rngs)
+        self.attention_out_norm = norm() if config.sandwich_norms else None
+        self.mlp_out_norm = norm() if config.sandwich_norms else None
 
     def __call__(self, x, positions):
         attended, kv = self.attention(self.input_norm(x), positions)
+        return self.residual_mlp(x, attended), kv
+
+    def residual_mlp(self, x, attended):
+        """Adds the (projected) attention output to ``x``, then the MLP branch.
+        Shared with generation's decode step."""
+        if self.attention_out_norm is not None:
+            attended = self.attention_out_norm(attended)
         x = x + attended
-        return x + self.mlp(self.post_attention_norm(x)), kv
+        h = self.mlp(self.post_attention_norm(x))
+        if self.mlp_out_norm is not None:
+            h = self.mlp_out_norm(h)
+        return x + h
 
 
 class Transformer(nnx.Module):
@@ -318,7 +442,7 @@ class Transformer(nnx.Module):
         self.config = config
         self.embed = _param(rngs, (config.vocab_size, config.embed_dim), ("vocab", "embed"), 1.0)
         self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.num_layers)])
-        self.final_norm = RMSNorm(config.embed_dim, config.norm_eps)
+        self.final_norm = RMSNorm(config.embed_dim, config.norm_eps, config.norm_weight_offset)
         self.lm_head = (
             None
             if config.tie_embeddings
@@ -341,7 +465,7 @@ class Transformer(nnx.Module):
             raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = jnp.take(self.embed.get_value(), tokens, axis=0).astype(c.dtype)
+        x = self.embed_tokens(tokens)
         x = ps.shard_as(x, ("batch", "length", "act_embed"))
         kvs = []
         for block in self.blocks:
@@ -354,13 +478,24 @@ class Transformer(nnx.Module):
         x = self.final_norm(x)
         return (x, kvs) if return_kv else x
 
+    def embed_tokens(self, tokens):
+        """``[B, T]`` ids -> ``[B, T, embed]`` in the compute dtype (Gemma: times sqrt(embed))."""
+        c = self.config
+        x = jnp.take(self.embed.get_value(), tokens, axis=0).astype(c.dtype)
+        if c.scale_embeddings:  # the factor rounded to the compute dtype, as HF does
+            x = x * jnp.asarray(c.embed_dim**0.5, c.dtype)
+        return x
+
     def logits(self, x):
         if self.lm_head is None:
             w = self.embed.get_value()
-            return jnp.einsum(
+            logits = jnp.einsum(
                 "bte,ve->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32
             )
-        return self.lm_head(x).astype(jnp.float32)
+        else:
+            logits = self.lm_head(x).astype(jnp.float32)
+        cap = self.config.final_logits_soft_cap
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def __call__(self, tokens, positions=None):
         return self.logits(self.hidden(tokens, positions))

@@ -169,6 +169,24 @@ def produce_kv(
     )
 
 
+def base2_logits(s, scale: float, soft_cap: float | None):
+    """Raw ``q . k`` -> base-2 logits (exp2 is one instruction), soft-capped if asked.
+
+    With ``soft_cap`` the natural logits are ``cap * tanh(scale * s / cap)``;
+    also returns that tanh (``None`` without a cap), whose ``1 - tanh^2`` the
+    backward pass needs.
+    """
+    if soft_cap is None:
+        return s * (scale * LOG2E), None
+    squashed = jnp.tanh(s * (scale / soft_cap))
+    return squashed * (soft_cap * LOG2E), squashed
+
+
+def soft_cap_grad(ds, squashed):
+    """dS w.r.t. the capped logits -> w.r.t. ``scale * s`` (chain rule through tanh)."""
+    return ds if squashed is None else ds * (1.0 - squashed * squashed)
+
+
 def softmax_step(s, m_i, l_i, acc):
     """Online-softmax update for base-2 logits ``s [rows, cols]``.
 

@@ -6,6 +6,11 @@ and adds ``implementation="mosaic"``: the Pallas Hopper kernels of
 :mod:`pallax.pallas_kernels.attention_mgpu`, whose cost grows with
 ``seq x window`` rather than ``seq^2``.
 
+``logits_soft_cap`` (the name Tokamax-style APIs use; ``jax.nn`` has none)
+squashes the scaled logits to ``cap * tanh(logits / cap)`` before masking, as
+Gemma 2 does; the Mosaic kernels apply it inside the online softmax and their
+backward multiplies dS by ``1 - tanh^2``.
+
 One deliberate difference from ``jax.nn``: a query row that can see no key at
 all (possible with windows and unequal lengths) yields zeros, not the mean of
 ``value``; both implementations here agree on that.
@@ -51,6 +56,28 @@ def normalize_window(
     if is_causal:
         right = min(right, 0)
     return left, right
+
+
+def check_soft_cap(logits_soft_cap) -> float | None:
+    """Validated ``logits_soft_cap``: ``None`` or a finite float > 0."""
+    if logits_soft_cap is None:
+        return None
+    if isinstance(logits_soft_cap, bool) or not isinstance(
+        logits_soft_cap, (int, float, np.integer, np.floating)
+    ):
+        raise ValueError(
+            f"logits_soft_cap must be a positive float or None, got {logits_soft_cap!r}"
+        )
+    if not (np.isfinite(logits_soft_cap) and logits_soft_cap > 0):
+        raise ValueError(f"logits_soft_cap must be finite and > 0, got {logits_soft_cap!r}")
+    return float(logits_soft_cap)
+
+
+def soft_cap(logits, logits_soft_cap: float | None):
+    """``cap * tanh(logits / cap)`` (identity for ``None``)."""
+    if logits_soft_cap is None:
+        return logits
+    return logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
 
 
 def _check_inputs(query, key, value, names=("query", "key", "value")):
@@ -108,8 +135,10 @@ def dot_precision(dtype):
     return None
 
 
-def masked_attention(query, key, value, mask, *, scale: float):
+def masked_attention(query, key, value, mask, *, scale: float, logits_soft_cap=None):
     """GQA attention under a boolean ``mask [B or 1, T, S]``, fp32 softmax, XLA.
+
+    Logits are ``scale * q.k``, soft-capped when ``logits_soft_cap`` is set.
 
     Rows without any visible key give zeros. Shapes: query ``[B, T, H, D]``,
     key/value ``[B, S, K, D]`` -> ``[B, T, H, D]``.
@@ -123,7 +152,8 @@ def masked_attention(query, key, value, mask, *, scale: float):
     )
     # A finite fill keeps exp() fast on CPU; rows without any visible key are
     # zeroed explicitly below instead of averaging over masked keys.
-    logits = jnp.where(mask[:, None, None], logits * scale, MASK_VALUE)
+    logits = soft_cap(logits * scale, logits_soft_cap)
+    logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum(
         "bkgts,bskd->btkgd",
@@ -136,11 +166,15 @@ def masked_attention(query, key, value, mask, *, scale: float):
     return out.reshape(query.shape).astype(query.dtype)
 
 
-def attention_reference(query, key, value, *, scale: float, left: int, right: int):
+def attention_reference(
+    query, key, value, *, scale: float, left: int, right: int, logits_soft_cap=None
+):
     """XLA attention with the window mask; differentiable by autodiff."""
     offsets = jnp.arange(key.shape[1])[None, :] - jnp.arange(query.shape[1])[:, None]
     mask = (offsets >= -left) & (offsets <= right)  # [T, S]
-    return masked_attention(query, key, value, mask[None], scale=scale)
+    return masked_attention(
+        query, key, value, mask[None], scale=scale, logits_soft_cap=logits_soft_cap
+    )
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -153,41 +187,55 @@ def _pad_seq(x, length: int):
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _mosaic_attention(query, key, value, scale, window: Window, config: AttentionConfig):
-    return _mosaic_forward(query, key, value, scale, window, config)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _mosaic_attention(
+    query, key, value, scale, window: Window, config: AttentionConfig, logits_soft_cap
+):
+    return _mosaic_forward(query, key, value, scale, window, config, logits_soft_cap)[0]
 
 
-def _mosaic_forward(query, key, value, scale, window, config):
+def _mosaic_forward(query, key, value, scale, window, config, logits_soft_cap):
     q_pad = _round_up(window.q_len, config.q_multiple)
     kv_pad = _round_up(window.kv_len, config.kv_multiple)
     q, k, v = _pad_seq(query, q_pad), _pad_seq(key, kv_pad), _pad_seq(value, kv_pad)
-    out, lse = attention_mgpu.forward(q, k, v, window=window, scale=scale, config=config)
+    out, lse = attention_mgpu.forward(
+        q, k, v, window=window, scale=scale, config=config, logits_soft_cap=logits_soft_cap
+    )
     return out[:, : window.q_len], (q, k, v, out, lse)
 
 
-def _mosaic_attention_bwd(scale, window, config, residuals, d_out):
+def _mosaic_attention_bwd(scale, window, config, logits_soft_cap, residuals, d_out):
     q, k, v, out, lse = residuals
     if q.shape[-1] > attention_mgpu.MAX_BACKWARD_HEAD_DIM:
         # The two-warpgroup backward tiles do not fit shared memory at head_dim
         # 256; differentiate the XLA reference instead (documented limitation).
         q, k, v = q[:, : window.q_len], k[:, : window.kv_len], v[:, : window.kv_len]
         reference = functools.partial(
-            attention_reference, scale=scale, left=window.left, right=window.right
+            attention_reference,
+            scale=scale,
+            left=window.left,
+            right=window.right,
+            logits_soft_cap=logits_soft_cap,
         )
         return jax.vjp(reference, q, k, v)[1](d_out.astype(q.dtype))
     do = _pad_seq(d_out.astype(q.dtype), q.shape[1])
     dq, dk, dv = attention_mgpu.backward(
-        q, k, v, out, lse, do, window=window, scale=scale, config=config
+        q,
+        k,
+        v,
+        out,
+        lse,
+        do,
+        window=window,
+        scale=scale,
+        config=config,
+        logits_soft_cap=logits_soft_cap,
     )
     grads = dq[:, : window.q_len], dk[:, : window.kv_len], dv[:, : window.kv_len]
     return tuple(cotangent_like(g, x) for g, x in zip(grads, (q, k, v), strict=True))
 
 
-_mosaic_attention.defvjp(
-    lambda q, k, v, scale, window, config: _mosaic_forward(q, k, v, scale, window, config),
-    _mosaic_attention_bwd,
-)
+_mosaic_attention.defvjp(_mosaic_forward, _mosaic_attention_bwd)
 
 
 def dot_product_attention(
@@ -198,6 +246,7 @@ def dot_product_attention(
     scale: float | None = None,
     is_causal: bool = False,
     local_window_size: int | tuple[int, int] | None = None,
+    logits_soft_cap: float | None = None,
     implementation: Implementation = None,
     config: AttentionConfig | None = None,
 ) -> jax.Array:
@@ -212,6 +261,8 @@ def dot_product_attention(
         both sequences, as in ``jax.nn.dot_product_attention``).
       local_window_size: ``w`` or ``(left, right)``: query ``i`` sees keys
         ``[i - left, i + right]``; combined with ``is_causal`` by intersection.
+      logits_soft_cap: if set, logits become ``cap * tanh(scale * q.k / cap)``
+        before masking and softmax (Gemma 2's attention soft-capping).
       implementation: ``None`` (Mosaic kernel on Hopper for bf16/fp16, XLA
         otherwise), ``"mosaic"`` or ``"xla"``.
       config: tile sizes for the Mosaic kernel; default from head_dim.
@@ -225,11 +276,20 @@ def dot_product_attention(
     left, right = normalize_window(is_causal, local_window_size, q_len, kv_len)
     scale = float(1.0 / np.sqrt(head_dim) if scale is None else check_float("scale", scale))
     check_config("config", config, AttentionConfig)
+    logits_soft_cap = check_soft_cap(logits_soft_cap)
     implementation = choose_implementation(implementation, mosaic_supports(query, key))
     if implementation == "xla":
-        return attention_reference(query, key, value, scale=scale, left=left, right=right)
+        return attention_reference(
+            query,
+            key,
+            value,
+            scale=scale,
+            left=left,
+            right=right,
+            logits_soft_cap=logits_soft_cap,
+        )
     problem = _tuning.attention_key(head_dim, q_len, kv_len, left, right)
     config = _tuning.resolve(config, "attention", AttentionConfig, problem)
     config = config or AttentionConfig.for_head_dim(head_dim)
     window = Window(left=left, right=right, q_len=q_len, kv_len=kv_len)
-    return _mosaic_attention(query, key, value, scale, window, config)
+    return _mosaic_attention(query, key, value, scale, window, config, logits_soft_cap)

@@ -12,7 +12,11 @@ the window take an unmasked fast path.
 
 Layouts: q/o ``[batch, q_len, q_heads, head_dim]``, k/v
 ``[batch, kv_len, kv_heads, head_dim]``; the log-sum-exp residual is base 2 of
-the scaled logits, ``[batch, q_heads, q_len]``. Fully masked rows produce zeros
+the scaled (and soft-capped) logits, ``[batch, q_heads, q_len]``.
+
+Logit soft-capping (Gemma 2): with ``logits_soft_cap = c`` the logits are
+``c * tanh(scale * q.k / c)`` before masking and softmax; the backward passes
+multiply dS by ``1 - tanh^2``. Fully masked rows produce zeros
 and ``lse = +inf`` (so the backward pass gives them zero gradient).
 
 Inputs must already be padded to the tile multiples (the wrapper in
@@ -33,7 +37,6 @@ from jax import lax
 
 from pallax.pallas_kernels import _mgpu
 from pallax.pallas_kernels._mgpu import (
-    LOG2E,
     Stream,
     cdiv,
     clamp,
@@ -183,6 +186,7 @@ def _forward_kernel(
     config: AttentionConfig,
     scale: float,
     group: int,
+    logits_soft_cap: float | None,
 ):
     block_q, block_kv = config.block_q, config.block_kv
     num_slots = config.max_concurrent_steps
@@ -223,7 +227,7 @@ def _forward_kernel(
 
             s = pl.run_scoped(qk_body, plgpu.ACC((block_q, block_kv), jnp.float32))
             plgpu.barrier_arrive(k_consumed.at[slot])
-            s = s * (scale * LOG2E)  # base-2 logits: exp2 is one instruction.
+            s, _ = _mgpu.base2_logits(s, scale, logits_soft_cap)
             if masked:
                 s = _apply_mask(window, s, q_start, kv_step * block_kv)
             p, m_new, l_i, acc = _mgpu.softmax_step(s, m_i, l_i, acc)
@@ -270,7 +274,16 @@ def _forward_kernel(
         )
 
 
-def forward(q, k, v, *, window: Window, scale: float, config: AttentionConfig):
+def forward(
+    q,
+    k,
+    v,
+    *,
+    window: Window,
+    scale: float,
+    config: AttentionConfig,
+    logits_soft_cap: float | None = None,
+):
     """Padded inputs -> (out ``[B, Tp, H, D]``, lse ``[B, H, Tp]`` base-2)."""
     batch, q_pad, num_heads, head_dim = q.shape
     _, kv_pad, num_kv_heads, _ = k.shape
@@ -284,6 +297,7 @@ def forward(q, k, v, *, window: Window, scale: float, config: AttentionConfig):
         config=config,
         scale=scale,
         group=num_heads // num_kv_heads,
+        logits_soft_cap=logits_soft_cap,
     )
     return plgpu.kernel(
         kernel,
@@ -339,6 +353,7 @@ def _dq_kernel(
     config: AttentionConfig,
     scale: float,
     group: int,
+    logits_soft_cap: float | None,
 ):
     block_q, block_kv = config.block_q_bwd, config.block_kv_bwd
     num_slots = config.max_concurrent_steps_bwd
@@ -377,7 +392,8 @@ def _dq_kernel(
         def step(kv_step, dq, masked):
             slot = _mgpu.slot_of(kv_step, lo, num_slots)
             plgpu.barrier_wait(k_loaded.at[slot])
-            s = mma(q_smem, k_smem.at[slot].T, (block_q, block_kv)) * (scale * LOG2E)
+            s = mma(q_smem, k_smem.at[slot].T, (block_q, block_kv))
+            s, squashed = _mgpu.base2_logits(s, scale, logits_soft_cap)
             if masked:
                 s = _apply_mask(window, s, q_start, kv_step * block_kv)
             p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
@@ -385,6 +401,7 @@ def _dq_kernel(
             dp = mma(do_smem, v_smem.at[slot].T, (block_q, block_kv))
             plgpu.barrier_arrive(v_consumed.at[slot])
             ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+            ds = _mgpu.soft_cap_grad(ds, squashed)
             dq = dq + mma_from_registers(ds, ds_smem, k_smem.at[slot], (block_q, head_dim))
             plgpu.barrier_arrive(k_consumed.at[slot])
             return dq
@@ -437,6 +454,7 @@ def _dkv_kernel(
     config: AttentionConfig,
     scale: float,
     group: int,
+    logits_soft_cap: float | None,
 ):
     block_q, block_kv = config.block_q_bwd, config.block_kv_bwd
     num_slots = config.max_concurrent_steps_bwd
@@ -476,7 +494,8 @@ def _dkv_kernel(
             dk, dv = carry
             slot = _mgpu.slot_of(linear_step, 0, num_slots)
             plgpu.barrier_wait(q_loaded.at[slot])
-            s_t = mma(k_smem, q_smem.at[slot].T, (block_kv, block_q)) * (scale * LOG2E)
+            s_t = mma(k_smem, q_smem.at[slot].T, (block_kv, block_q))
+            s_t, squashed_t = _mgpu.base2_logits(s_t, scale, logits_soft_cap)
             if masked:
                 s_t = _apply_mask(window, s_t, q_block * block_q, k_start, transposed=True)
             plgpu.barrier_wait(lse_loaded.at[slot])
@@ -491,6 +510,7 @@ def _dkv_kernel(
             delta = plgpu.load(delta_smem.at[slot], layout=col_layout)
             plgpu.barrier_arrive(delta_consumed.at[slot])
             ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+            ds_t = _mgpu.soft_cap_grad(ds_t, squashed_t)
             dk = dk + mma_from_registers(ds_t, t_smem, q_smem.at[slot], (block_kv, head_dim))
             plgpu.barrier_arrive(q_consumed.at[slot])
             return dk, dv
@@ -540,7 +560,19 @@ def _dkv_kernel(
         _mgpu.produce(streams, 0, num_steps, num_slots)
 
 
-def backward(q, k, v, out, lse, do, *, window: Window, scale: float, config: AttentionConfig):
+def backward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    do,
+    *,
+    window: Window,
+    scale: float,
+    config: AttentionConfig,
+    logits_soft_cap: float | None = None,
+):
     """Padded inputs -> (dq, dk, dv) in the input dtypes."""
     batch, q_pad, num_heads, head_dim = q.shape
     _, kv_pad, num_kv_heads, _ = k.shape
@@ -553,7 +585,9 @@ def backward(q, k, v, out, lse, do, *, window: Window, scale: float, config: Att
     transforms = _mgpu.smem_transforms(dtype)
     # delta_i = sum_d o_id * do_id, in the same [B, H, T] layout as lse.
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
-    common = dict(window=window, config=config, scale=scale, group=group)
+    common = dict(
+        window=window, config=config, scale=scale, group=group, logits_soft_cap=logits_soft_cap
+    )
     compiler_params = plgpu.CompilerParams(approx_math=True)
     row_tile = lambda rows: plgpu.SMEM(  # noqa: E731
         (NUM_COMPUTE_WGS, rows, head_dim), dtype, transforms=transforms

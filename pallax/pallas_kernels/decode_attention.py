@@ -64,7 +64,9 @@ def check_lengths(lengths, *, num_new: int, cache_len: int, rolling: bool, debug
         )
 
 
-def decode_attention_reference(query, key_cache, value_cache, lengths, geometry, scale):
+def decode_attention_reference(
+    query, key_cache, value_cache, lengths, geometry, scale, logits_soft_cap=None
+):
     """XLA version of the decode kernel. Shapes as :func:`decode_attention`."""
     num_new, cache_len = query.shape[1], key_cache.shape[1]
     slots = jnp.arange(cache_len, dtype=jnp.int32)
@@ -72,7 +74,9 @@ def decode_attention_reference(query, key_cache, value_cache, lengths, geometry,
     query_pos = lengths[:, None] - num_new + jnp.arange(num_new)[None, :]  # [B, T]
     kp, qp = key_pos[:, None, :], query_pos[:, :, None]
     visible = (kp >= 0) & (kp <= qp) & (kp >= qp - geometry.left)  # [B, T, S]
-    return attention_op.masked_attention(query, key_cache, value_cache, visible, scale=scale)
+    return attention_op.masked_attention(
+        query, key_cache, value_cache, visible, scale=scale, logits_soft_cap=logits_soft_cap
+    )
 
 
 def decode_attention(
@@ -84,6 +88,7 @@ def decode_attention(
     scale: float | None = None,
     local_window_size: int | tuple[int, int] | None = None,
     rolling: bool = False,
+    logits_soft_cap: float | None = None,
     implementation: attention_op.Implementation = None,
     config: DecodeConfig | None = None,
     debug_checks: bool = False,
@@ -103,6 +108,7 @@ def decode_attention(
         ``[pos - left, pos]``.
       rolling: the cache is a ring buffer (slot = position % cache_len); needs
         ``cache_len >= left + num_new`` so no visible position is overwritten.
+      logits_soft_cap: logits become ``cap * tanh(scale * q.k / cap)`` (Gemma 2).
       implementation: ``None`` (Mosaic on Hopper, else XLA), ``"mosaic"``, ``"xla"``.
       debug_checks: under jit, check ``lengths`` with ``checkify`` (wrap the
         caller in ``checkify.checkify`` to get the error).
@@ -140,10 +146,13 @@ def decode_attention(
         rolling=rolling,
     )
     scale = float(1.0 / np.sqrt(head_dim) if scale is None else check_float("scale", scale))
+    logits_soft_cap = attention_op.check_soft_cap(logits_soft_cap)
     unsupported = attention_op.mosaic_supports(query, key_cache)
     implementation = choose_implementation(implementation, unsupported)
     if implementation == "xla":
-        return decode_attention_reference(query, key_cache, value_cache, lengths, geometry, scale)
+        return decode_attention_reference(
+            query, key_cache, value_cache, lengths, geometry, scale, logits_soft_cap
+        )
 
     problem = _tuning.decode_key(head_dim, geometry.group, num_new, cache_len)
     config = _tuning.resolve(config, "decode_attention", DecodeConfig, problem)
@@ -160,7 +169,14 @@ def decode_attention(
         pad = ((0, 0), (0, cache_pad - cache_len), (0, 0), (0, 0))
         key_cache, value_cache = jnp.pad(key_cache, pad), jnp.pad(value_cache, pad)
     out, lse = mgpu.decode(
-        q, key_cache, value_cache, lengths, geometry=geometry, scale=scale, config=config
+        q,
+        key_cache,
+        value_cache,
+        lengths,
+        geometry=geometry,
+        scale=scale,
+        config=config,
+        logits_soft_cap=logits_soft_cap,
     )
     out = mgpu.merge_splits(out, lse)[:, :, :rows]  # [B, K, T*G, D]
     out = out.reshape(b, num_kv_heads, num_new, group, head_dim).transpose(0, 2, 1, 3, 4)

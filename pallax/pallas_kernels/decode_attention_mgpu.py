@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallax.pallas_kernels import _mgpu
-from pallax.pallas_kernels._mgpu import LOG2E, cdiv, floordiv, mma, mma_from_registers
+from pallax.pallas_kernels._mgpu import cdiv, floordiv, mma, mma_from_registers
 
 ROWS = 64  # wgmma M: packed (token, head-in-group) rows per tile.
 
@@ -108,6 +108,7 @@ def _decode_kernel(
     config: DecodeConfig,
     scale: float,
     blocks_per_split: int,
+    logits_soft_cap: float | None,
 ):
     block_kv = config.block_kv
     num_slots = config.max_concurrent_steps
@@ -141,7 +142,8 @@ def _decode_kernel(
             acc, m_i, l_i = carry
             slot = _mgpu.slot_of(kv_step, lo, num_slots)
             plgpu.barrier_wait(k_loaded.at[slot])
-            s = mma(q_smem, k_smem.at[slot].T, (ROWS, block_kv)) * (scale * LOG2E)
+            s = mma(q_smem, k_smem.at[slot].T, (ROWS, block_kv))
+            s, _ = _mgpu.base2_logits(s, scale, logits_soft_cap)
             plgpu.barrier_arrive(k_consumed.at[slot])
             key_pos = geometry.positions(col_ids + kv_step * block_kv, length)
             visible = (
@@ -188,8 +190,10 @@ def _decode_kernel(
         )
 
 
-def decode(q_packed, k_cache, v_cache, lengths, *, geometry, scale, config):
+def decode(q_packed, k_cache, v_cache, lengths, *, geometry, scale, config, logits_soft_cap=None):
     """q_packed ``[B, K, R_pad, D]`` (R_pad % 64 == 0), caches ``[B, S_pad, K, D]``.
+
+    ``logits_soft_cap``: logits are ``cap * tanh(scale * q.k / cap)`` (Gemma 2).
 
     Returns base-2 partial results per split: out ``[B, K, splits, R_pad, D]``
     and lse ``[B, K, splits, R_pad]``.
@@ -211,6 +215,7 @@ def decode(q_packed, k_cache, v_cache, lengths, *, geometry, scale, config):
         config=config,
         scale=scale,
         blocks_per_split=blocks_per_split,
+        logits_soft_cap=logits_soft_cap,
     )
     return plgpu.kernel(
         kernel,

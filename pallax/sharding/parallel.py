@@ -32,7 +32,13 @@ from jax.sharding import PartitionSpec as P
 
 from pallax._checks import check_array
 from pallax.pallas_kernels import QuantizedWeight, dot_product_attention, linear
-from pallax.pallas_kernels.attention import MASK_VALUE, dot_precision, normalize_window
+from pallax.pallas_kernels.attention import (
+    MASK_VALUE,
+    check_soft_cap,
+    dot_precision,
+    normalize_window,
+    soft_cap,
+)
 from pallax.pallas_kernels.attention import _check_inputs as check_inputs
 from pallax.pallas_kernels.sparse import SparseShards
 from pallax.sharding.mesh import BATCH_AXES, FSDP, SEQUENCE, TENSOR
@@ -205,7 +211,7 @@ def row_parallel(x, w, *, mesh=None, **matmul_kwargs):
 # ----------------------------------------------------------------------------
 
 
-def _block_attention(q, k, v, q_start, k_start, scale, left, right):
+def _block_attention(q, k, v, q_start, k_start, scale, left, right, logits_soft_cap=None):
     """Attention of a query block to a key block at global offsets -> (out f32, lse).
 
     Rows that see no key get ``out = 0`` and ``lse = MASK_VALUE`` so that the
@@ -221,6 +227,7 @@ def _block_attention(q, k, v, q_start, k_start, scale, left, right):
         )
         * scale
     )
+    logits = soft_cap(logits, logits_soft_cap)
     offsets = (k_start + jnp.arange(s))[None, :] - (q_start + jnp.arange(t))[:, None]
     mask = (offsets >= -left) & (offsets <= right)
     logits = jnp.where(mask, logits, MASK_VALUE)
@@ -249,7 +256,7 @@ def _merge(out_a, lse_a, out_b, lse_b):
     return out, lse + jnp.log(total)
 
 
-def _ring_local(q, k, v, *, num_shards, scale, left, right):
+def _ring_local(q, k, v, *, num_shards, scale, left, right, logits_soft_cap=None):
     shard = lax.axis_index(SEQUENCE)
     length = q.shape[1]
     q_start = shard * length
@@ -264,7 +271,7 @@ def _ring_local(q, k, v, *, num_shards, scale, left, right):
         )
 
         def attend(k, v, k_start=k_start):
-            return _block_attention(q, k, v, q_start, k_start, scale, left, right)
+            return _block_attention(q, k, v, q_start, k_start, scale, left, right, logits_soft_cap)
 
         def skip(k, v):
             # *_like keeps q's per-device variance, as shard_map's typing requires.
@@ -324,6 +331,7 @@ def attention(
     sequence_method: str = "ulysses",
     scale: float | None = None,
     implementation=None,
+    logits_soft_cap: float | None = None,
 ):
     """Sharded ``dot_product_attention``: heads over ``tensor``, length over ``sequence``.
 
@@ -350,7 +358,13 @@ def attention(
     )
     num_shards = mesh.shape[SEQUENCE]
     scale = float(head_dim**-0.5 if scale is None else scale)
-    attend = functools.partial(dot_product_attention, scale=scale, implementation=implementation)
+    logits_soft_cap = check_soft_cap(logits_soft_cap)
+    attend = functools.partial(
+        dot_product_attention,
+        scale=scale,
+        implementation=implementation,
+        logits_soft_cap=logits_soft_cap,
+    )
     left, right = normalize_window(is_causal, local_window_size, length, key.shape[1])
     if num_shards == 1:
         local = functools.partial(attend, is_causal=is_causal, local_window_size=local_window_size)
@@ -363,7 +377,12 @@ def attention(
         )
     elif sequence_method == "ring":
         local = functools.partial(
-            _ring_local, num_shards=num_shards, scale=scale, left=left, right=right
+            _ring_local,
+            num_shards=num_shards,
+            scale=scale,
+            left=left,
+            right=right,
+            logits_soft_cap=logits_soft_cap,
         )
     else:  # halo
         local_length = length // num_shards
