@@ -1,5 +1,6 @@
 """Meshes, logical-axis rules and shard_map wrappers for DP/FSDP/TP/SP."""
 
+from pallax.sharding.comm_quant import COMM_QUANT_MODES, CommQuant, FsdpWeight
 from pallax.sharding.mesh import (
     AXES,
     BATCH_AXES,
@@ -24,6 +25,9 @@ from pallax.sharding.state import init_optimizer_state, param_shardings, shard_p
 
 __all__ = [
     "AXES",
+    "COMM_QUANT_MODES",
+    "CommQuant",
+    "FsdpWeight",
     "BATCH_AXES",
     "DATA",
     "DEFAULT_RULES",
