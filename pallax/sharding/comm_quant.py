@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from pallax.sharding.mesh import DATA, FSDP, SEQUENCE
 
@@ -86,6 +87,11 @@ class CommQuant:
                 raise ValueError(
                     f"comm quant {name}={getattr(self, name)!r} must be one of {COMM_QUANT_MODES}"
                 )
+        for name in ("hpz", "hadamard", "weight_diff"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool):
+            raise ValueError(f"block_size must be an integer, got {self.block_size!r}")
         if self.block_size < 2 or self.block_size % 2:
             raise ValueError(f"comm quant block_size={self.block_size} must be even and >= 2")
         if self.hadamard and self.block_size & (self.block_size - 1):
@@ -422,6 +428,32 @@ def refresh_reference(master_shard, reference, axis: int, comm: CommQuant):
     return reference + quantized_all_gather(delta, axis, comm.weight_bits, comm.block_size)
 
 
+def fsdp_axis_of(spec) -> int | None:
+    """Dimension of a 2-D weight's PartitionSpec that is split over ``fsdp`` (None if none)."""
+    entries = tuple(spec) + (None,) * (2 - len(tuple(spec)))
+    return next((i for i, entry in enumerate(entries[:2]) if entry == FSDP), None)
+
+
+def reference_spec(spec):
+    """``spec`` with the ``fsdp`` split dropped (the replicated SDP4Bit reference)."""
+    return P(*(None if entry == FSDP else entry for entry in spec))
+
+
+def refresh(master, reference, spec, comm: CommQuant, mesh):
+    """:func:`refresh_reference` on global arrays: ``master`` sharded by ``spec``,
+    ``reference`` by :func:`reference_spec` of it; returns the new reference."""
+    axis = fsdp_axis_of(spec)
+    return jax.shard_map(
+        functools.partial(refresh_reference, axis=axis, comm=comm),
+        mesh=mesh,
+        in_specs=(spec, reference_spec(spec)),
+        out_specs=reference_spec(spec),
+        # Every device dequantizes the same gathered codes: the result is
+        # replicated over fsdp, which the varying all_gather cannot state.
+        check_vma=False,
+    )(master, reference)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class FsdpWeight:
@@ -506,6 +538,7 @@ __all__ = [
     "FsdpWeight",
     "dequantize_blocks",
     "encoded_size",
+    "fsdp_axis_of",
     "fsdp_devices_per_host",
     "fsdp_matmul",
     "group_all_gather",
@@ -515,6 +548,8 @@ __all__ = [
     "quantize_blocks",
     "quantized_all_gather",
     "quantized_reduce_scatter",
+    "reference_spec",
+    "refresh",
     "refresh_reference",
     "round_trip",
     "step_bytes",
