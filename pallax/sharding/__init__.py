@@ -1,6 +1,11 @@
 """Meshes, logical-axis rules and shard_map wrappers for DP/FSDP/TP/SP."""
 
-from pallax.sharding.comm_quant import COMM_QUANT_MODES, CommQuant, FsdpWeight
+from pallax.sharding.comm_quant import (
+    COMM_QUANT_MODES,
+    CommQuant,
+    FsdpWeight,
+    parse_comm_quant,
+)
 from pallax.sharding.mesh import (
     AXES,
     BATCH_AXES,
@@ -43,6 +48,7 @@ __all__ = [
     "make_mesh",
     "named_sharding",
     "param_shardings",
+    "parse_comm_quant",
     "parse_mesh_spec",
     "row_parallel",
     "shard_as",

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src.lax.parallel import all_gather_invariant as _all_gather_invariant
 from jax.sharding import PartitionSpec as P
 
 from pallax.sharding.mesh import DATA, FSDP, SEQUENCE
@@ -68,6 +69,8 @@ class CommQuant:
       hpz: keep a host-local secondary copy so the backward gather stays in the host.
       hadamard: rotate gradient blocks by a Hadamard matrix before quantizing.
       weight_diff: SDP4Bit: gather quantized weight changes into a replicated reference.
+      explicit: take the explicit per-layer collectives even with nothing quantized
+        (float32 all-gather / reduce-scatter: the baseline the int modes replace).
       fsdp_per_host: ``fsdp`` devices per host (``L``) for hpZ and two-level qgZ;
         ``None`` = from the mesh's process layout (every device on one host
         when there is one process). Set it to simulate hosts on one machine.
@@ -80,6 +83,7 @@ class CommQuant:
     hadamard: bool = False
     weight_diff: bool = False
     fsdp_per_host: int | None = None
+    explicit: bool = False
 
     def __post_init__(self):
         for name in ("weights", "grads"):
@@ -87,7 +91,7 @@ class CommQuant:
                 raise ValueError(
                     f"comm quant {name}={getattr(self, name)!r} must be one of {COMM_QUANT_MODES}"
                 )
-        for name in ("hpz", "hadamard", "weight_diff"):
+        for name in ("hpz", "hadamard", "weight_diff", "explicit"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool):
@@ -110,7 +114,8 @@ class CommQuant:
 
     @property
     def enabled(self) -> bool:
-        return self.weights != "none" or self.grads != "none" or self.hpz or self.weight_diff
+        quantized = self.weights != "none" or self.grads != "none"
+        return quantized or self.hpz or self.weight_diff or self.explicit
 
     @property
     def weight_bits(self) -> int | None:
@@ -235,19 +240,44 @@ def _split_parts(x, n: int, axis: int):
     return jnp.moveaxis(x.reshape(shape), axis, 0)
 
 
-def quantized_all_gather(shard, axis: int, bits: int | None, block_size: int, axis_name=FSDP):
+def quantized_all_gather(
+    shard, axis: int, bits: int | None, block_size: int, axis_name=FSDP, *, invariant=False
+):
     """Tiled all-gather of ``shard`` along ``axis`` over ``axis_name``, quantized on the wire.
 
     Every device receives ``dequantize(quantize(s))`` of every shard ``s`` (its
     own included), so all devices hold the same float32 weight.
+    ``invariant=True`` types the result as replicated over ``axis_name``.
     """
+    gather = functools.partial(
+        _all_gather_invariant if invariant else lax.all_gather, axis_name=axis_name, tiled=True
+    )
     if bits is None:
-        return lax.all_gather(shard.astype(jnp.float32), axis_name, axis=axis, tiled=True)
+        return gather(shard.astype(jnp.float32), axis=axis)
     codes, scales = quantize_blocks(shard.reshape(1, -1), bits, block_size)
-    codes = lax.all_gather(codes, axis_name, axis=0, tiled=True)
-    scales = lax.all_gather(scales, axis_name, axis=0, tiled=True)
+    codes = gather(codes, axis=0)
+    scales = gather(scales, axis=0)
     parts = dequantize_blocks(codes, scales, bits, shard.size)
     return _merge_parts(parts.reshape(-1, *shard.shape), axis)
+
+
+def quantized_psum(x, axis_name, comm: CommQuant):
+    """``psum`` of ``x`` over ``axis_name`` (replicated result) with quantized pieces.
+
+    ``comm.grads="none"``: ``psum``. Otherwise a quantized reduce-scatter of the
+    flattened ``x`` (all-to-all, f32 sums) then a quantized all-gather of the sums.
+    """
+    size = lax.axis_size(axis_name)
+    bits = comm.grad_bits
+    if size == 1 or bits is None:  # (size 1: a no-op that types the result as replicated)
+        return lax.psum(x, axis_name)
+    per_device = -(-x.size // size)
+    flat = jnp.pad(x.reshape(-1).astype(jnp.float32), (0, per_device * size - x.size))
+    mine = _quantized_exchange_sum(
+        flat.reshape(size, 1, per_device), comm, size, size, 1, axis_name
+    )  # [1, per_device]: the sum of this device's piece
+    full = quantized_all_gather(mine, 0, bits, comm.block_size, axis_name, invariant=True)
+    return full.reshape(-1)[: x.size].reshape(x.shape).astype(x.dtype)
 
 
 def _group_position(axis_name, group_size: int, stride: int):
@@ -394,19 +424,29 @@ def _fsdp_matmul_fwd(comm, axis, matmul, x, w_shard, reference):
 def _fsdp_matmul_bwd(comm, axis, matmul, residuals, dy):
     x, w_shard, kept, reference = residuals
     size = lax.axis_size(FSDP)
+    # The barrier ties the re-gather to the backward pass: otherwise XLA merges it
+    # with the forward gather and keeps every full weight alive in between (ZeRO-2).
     if comm.weight_diff:
         full = reference
     elif comm.hpz:
-        full = group_all_gather(kept, axis, FSDP, size, comm.fsdp_per_host)
+        kept, dy = lax.optimization_barrier((kept, dy))
+        # Shipped as raw bits: some backends (XLA:CPU) widen bf16 collectives to f32.
+        bits = jnp.dtype(f"uint{8 * kept.dtype.itemsize}")
+        gathered = group_all_gather(
+            lax.bitcast_convert_type(kept, bits), axis, FSDP, size, comm.fsdp_per_host
+        )
+        full = lax.bitcast_convert_type(gathered, kept.dtype)
     else:
-        full = _gather_weight(w_shard, axis, comm)
+        barrier_shard, dy = lax.optimization_barrier((w_shard, dy))
+        full = _gather_weight(barrier_shard, axis, comm)
     # Mark the weight as varying like x, so the vjp returns each device's own
     # partial gradient: reducing it over data/sequence before the scatter would
     # all-reduce the full-size weight gradient.
     _, vjp = jax.vjp(matmul, x, _vary_like(full, x))
     dx, dw_full = vjp(dy)
     dw = quantized_reduce_scatter(dw_full.astype(jnp.float32), axis, comm)
-    dw = lax.psum(dw, (DATA, SEQUENCE))
+    for axis_name in (DATA, SEQUENCE):  # replicas of this shard: 1/fsdp of the weight
+        dw = quantized_psum(dw, axis_name, comm)
     d_reference = None if reference is None else jnp.zeros_like(reference)
     return dx, dw.astype(w_shard.dtype), d_reference
 
@@ -425,7 +465,9 @@ def refresh_reference(master_shard, reference, axis: int, comm: CommQuant):
         _split_parts(reference, size, axis), lax.axis_index(FSDP), 0, keepdims=False
     )
     delta = master_shard.astype(jnp.float32) - own
-    return reference + quantized_all_gather(delta, axis, comm.weight_bits, comm.block_size)
+    return reference + quantized_all_gather(
+        delta, axis, comm.weight_bits, comm.block_size, invariant=True
+    )
 
 
 def fsdp_axis_of(spec) -> int | None:
@@ -448,9 +490,6 @@ def refresh(master, reference, spec, comm: CommQuant, mesh):
         mesh=mesh,
         in_specs=(spec, reference_spec(spec)),
         out_specs=reference_spec(spec),
-        # Every device dequantizes the same gathered codes: the result is
-        # replicated over fsdp, which the varying all_gather cannot state.
-        check_vma=False,
     )(master, reference)
 
 
@@ -510,11 +549,12 @@ def step_bytes(
         forward, backward = gather, 0.0
     elif comm.hpz:
         forward = gather
-        backward = num_params * (local - 1) / f * 2  # bf16 secondary copy, within the host
+        backward = num_params * (local - 1) / local * 2  # bf16 secondary copy, in the host
     else:
         forward = backward = gather
     return {
-        "weight_gather": forward + backward,
+        "forward_gather": forward,
+        "backward_gather": backward,
         "grad_reduce": reduce,
         "total": forward + backward + reduce,
     }
@@ -547,6 +587,7 @@ __all__ = [
     "parse_comm_quant",
     "quantize_blocks",
     "quantized_all_gather",
+    "quantized_psum",
     "quantized_reduce_scatter",
     "reference_spec",
     "refresh",

@@ -90,6 +90,7 @@ class TrainConfig:
     comm_hadamard: bool = False  # Hadamard-rotate gradient blocks before quantizing
     comm_weight_diff: bool = False  # SDP4Bit: gather weight changes into a replicated copy
     comm_fsdp_per_host: int | None = None  # None = from the process layout
+    comm_explicit: bool = False  # explicit fp32 collectives even when nothing is quantized
 
     def __post_init__(self):
         positive = ("seq_len", "batch_size", "steps", "grad_accum", "log_every", "eval_batches")
@@ -131,6 +132,7 @@ class TrainConfig:
             hadamard=self.comm_hadamard,
             weight_diff=self.comm_weight_diff,
             fsdp_per_host=self.comm_fsdp_per_host,
+            explicit=self.comm_explicit,
         )
 
     @property

@@ -213,8 +213,8 @@ class Trainer:
         if self.mesh is None or self.mesh.shape[ps.FSDP] == 1:
             shape = None if self.mesh is None else dict(self.mesh.shape)
             raise ValueError(
-                "comm_quant_weights / comm_quant_grads / comm_hpz / comm_weight_diff quantize "
-                f"the fsdp collectives: the mesh needs fsdp > 1 (e.g. data=2,fsdp=4), got {shape}"
+                f"the comm_* settings ({comm}) act on the fsdp collectives: the mesh needs "
+                f"fsdp > 1 (e.g. --mesh data=2,fsdp=4), got {shape}"
             )
         specs = {}
         for path, layer in nnx.iter_modules(model):
