@@ -158,6 +158,7 @@ class Trainer:
                     f"micro-batch {config.batch_size // config.grad_accum} sequences "
                     f"(batch_size / grad_accum) must divide over data x fsdp = {shards} devices"
                 )
+        self.comm = self._resolve_comm(config)
         if model is None:
             model = Transformer(config.model, rngs=nnx.Rngs(config.seed))
         elif model.config != config.model:
@@ -168,7 +169,7 @@ class Trainer:
         if self.mesh is not None:
             with jax.set_mesh(self.mesh):
                 shard_model(model, self.mesh)
-        self.comm, self._fsdp_specs = self._comm_setup(config, model)
+        self._fsdp_specs = self._fsdp_weight_specs(model) if self.comm.enabled else {}
         self.weights = weight_descriptions(model)
         self.graphdef, self.params = nnx.split(model)
         self._treedef = jax.tree.structure(self.params)
@@ -205,23 +206,28 @@ class Trainer:
 
     # -- parameters -------------------------------------------------------------------------
 
-    def _comm_setup(self, config: TrainConfig, model) -> tuple[ps.CommQuant, dict]:
-        """Resolved comm quantization and ``{layer path: spec}`` of the dense fsdp weights."""
+    def _resolve_comm(self, config: TrainConfig) -> ps.CommQuant:
+        """The comm quantization of ``config``, checked against (and resolved on) the mesh."""
         comm = config.comm_quant()
         if not comm.enabled:
-            return comm, {}
+            return comm
         if self.mesh is None or self.mesh.shape[ps.FSDP] == 1:
             shape = None if self.mesh is None else dict(self.mesh.shape)
             raise ValueError(
                 f"the comm_* settings ({comm}) act on the fsdp collectives: the mesh needs "
                 f"fsdp > 1 (e.g. --mesh data=2,fsdp=4), got {shape}"
             )
+        return comm.resolve(self.mesh)
+
+    @staticmethod
+    def _fsdp_weight_specs(model) -> dict:
+        """``{layer path: PartitionSpec}`` of the dense linear weights split over fsdp."""
         specs = {}
         for path, layer in nnx.iter_modules(model):
             w = layer.kernel.get_value() if isinstance(layer, Linear) else None
             if isinstance(w, jax.Array) and comm_quant.fsdp_axis_of(w.sharding.spec) is not None:
                 specs[".".join(map(str, path))] = w.sharding.spec
-        return comm.resolve(self.mesh), specs
+        return specs
 
     def _fsdp_layers(self, model):
         for path, layer in nnx.iter_modules(model):
