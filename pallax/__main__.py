@@ -14,7 +14,15 @@ from pathlib import Path
 # and keeps its traceback. PALLAX_TRACEBACK=1 shows the traceback for these too.
 USER_ERRORS = (ValueError, OSError, ImportError)
 
-BENCHMARKS = ("attention", "quant_matmul", "spmm", "generation", "sequence_parallel", "train")
+BENCHMARKS = (
+    "attention",
+    "quant_matmul",
+    "spmm",
+    "generation",
+    "sequence_parallel",
+    "train",
+    "comm_quant",
+)
 
 
 def _setting(text: str) -> tuple[str, object]:
@@ -61,6 +69,23 @@ def _build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="any config field, e.g. --set model.sliding_window=128 --set eval_every=50",
+    )
+    train.add_argument(
+        "--comm-quant",
+        metavar="MODE[,GRADS]",
+        help="quantize the fsdp weight gathers and gradient reduction: none|int8|int4, "
+        "or WEIGHTS,GRADS (e.g. int4,int8); needs an fsdp mesh axis > 1",
+    )
+    train.add_argument(
+        "--hpz", action="store_true", help="backward weight gathers stay within the host"
+    )
+    train.add_argument(
+        "--comm-hadamard", action="store_true", help="Hadamard-rotate gradients before quantizing"
+    )
+    train.add_argument(
+        "--comm-weight-diff",
+        action="store_true",
+        help="SDP4Bit: gather quantized weight changes into a replicated copy",
     )
     train.add_argument("--coordinator", help="multi-host: coordinator host:port")
     train.add_argument("--num-processes", type=int)
@@ -131,6 +156,17 @@ def _train(args) -> None:
         "peak_tflops": args.peak_tflops,
     }
     values = {k: v for k, v in overrides.items() if v is not None}
+    if args.comm_quant is not None:
+        values["comm_quant_weights"], values["comm_quant_grads"] = ps.parse_comm_quant(
+            args.comm_quant
+        )
+    for flag, field in (
+        ("hpz", "comm_hpz"),
+        ("comm_hadamard", "comm_hadamard"),
+        ("comm_weight_diff", "comm_weight_diff"),
+    ):
+        if getattr(args, flag):
+            values[field] = True
     model_values = {}
     for key, value in args.set:
         if key.startswith("model."):

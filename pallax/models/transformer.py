@@ -293,7 +293,8 @@ class Linear(nnx.Module):
             _captured_inputs.setdefault(id(self), []).append(x)
         w = self.kernel.get_value()
         mesh = jax.sharding.get_abstract_mesh()
-        split = mesh.shape.get(ps.TENSOR, 1) > 1 or isinstance(w, SparseShards)
+        # FsdpWeight: dense weights whose fsdp collectives are quantized (comm_quant).
+        split = mesh.shape.get(ps.TENSOR, 1) > 1 or isinstance(w, SparseShards | ps.FsdpWeight)
         if not mesh.empty and split:
             wrapper = ps.column_parallel if self.parallel == "column" else ps.row_parallel
             return self._add_bias(wrapper(x, w, act_bits=self.act_bits))

@@ -1,5 +1,11 @@
 """Meshes, logical-axis rules and shard_map wrappers for DP/FSDP/TP/SP."""
 
+from pallax.sharding.comm_quant import (
+    COMM_QUANT_MODES,
+    CommQuant,
+    FsdpWeight,
+    parse_comm_quant,
+)
 from pallax.sharding.mesh import (
     AXES,
     BATCH_AXES,
@@ -24,6 +30,9 @@ from pallax.sharding.state import init_optimizer_state, param_shardings, shard_p
 
 __all__ = [
     "AXES",
+    "COMM_QUANT_MODES",
+    "CommQuant",
+    "FsdpWeight",
     "BATCH_AXES",
     "DATA",
     "DEFAULT_RULES",
@@ -39,6 +48,7 @@ __all__ = [
     "make_mesh",
     "named_sharding",
     "param_shardings",
+    "parse_comm_quant",
     "parse_mesh_spec",
     "row_parallel",
     "shard_as",

@@ -41,6 +41,7 @@ from pallax.pallas_kernels.attention import (
 )
 from pallax.pallas_kernels.attention import _check_inputs as check_inputs
 from pallax.pallas_kernels.sparse import SparseShards
+from pallax.sharding.comm_quant import FsdpWeight, fsdp_matmul
 from pallax.sharding.mesh import BATCH_AXES, FSDP, SEQUENCE, TENSOR
 from pallax.sharding.rules import validate_layout
 
@@ -100,6 +101,21 @@ def _linear_parts(w, out_axis, in_axis, mesh):
             return linear(x, dataclasses.replace(local, values=values), **kwargs)
 
         return specs, None, sparse_local, padded
+    if isinstance(w, FsdpWeight):  # dense, with the fsdp collectives of comm_quant
+        replicated = lambda axis: None if axis == FSDP else axis  # noqa: E731
+        specs = FsdpWeight(
+            P(in_axis, out_axis),
+            None if w.reference is None else P(replicated(in_axis), replicated(out_axis)),
+            w.comm,
+        )
+        gather_axis = 0 if in_axis == FSDP else 1
+
+        def fsdp_local(x, w, **kwargs):
+            if kwargs.get("act_bits") is not None:
+                raise ValueError("act_bits needs a QuantizedWeight, got a dense FsdpWeight")
+            return fsdp_matmul(w.comm, gather_axis, linear, x, w.value, w.reference)
+
+        return specs, None, fsdp_local, w.shape
     if isinstance(w, QuantizedWeight):
 
         def matmul(x, w_local, **kwargs):

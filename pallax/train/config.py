@@ -20,6 +20,7 @@ from typing import Any
 
 from pallax._checks import check_float, check_int
 from pallax.models import TransformerConfig
+from pallax.sharding import CommQuant
 
 # Model presets. "tiny" trains on a 2-core CPU in minutes; "1b" is a Llama-3.2-1B
 # shaped body (16 x 2048, GQA 32:8, SwiGLU 8192) with the byte vocabulary.
@@ -81,6 +82,16 @@ class TrainConfig:
     keep_checkpoints: int = 3
     mesh: str | None = None  # e.g. "data=2,tensor=2"; None = every device on data
     peak_tflops: float | None = None  # per device, for MFU; None = known GPUs only
+    # Quantized fsdp communication (pallax.sharding.comm_quant; needs an fsdp axis > 1):
+    # "none" | "int8" | "int4" for the weight all-gathers and the gradient reduction.
+    comm_quant_weights: str = "none"
+    comm_quant_grads: str = "none"
+    comm_quant_block: int = 128  # values per float32 scale
+    comm_hpz: bool = False  # backward weight gather within the host (host-local copy)
+    comm_hadamard: bool = False  # Hadamard-rotate gradient blocks before quantizing
+    comm_weight_diff: bool = False  # SDP4Bit: gather weight changes into a replicated copy
+    comm_fsdp_per_host: int | None = None  # None = from the process layout
+    comm_explicit: bool = False  # explicit fp32 collectives even when nothing is quantized
 
     def __post_init__(self):
         self._validate_types()
@@ -107,6 +118,10 @@ class TrainConfig:
             raise ValueError(
                 f"clip_norm={self.clip_norm} and weight_decay={self.weight_decay} must be >= 0"
             )
+        try:
+            self.comm_quant()
+        except ValueError as e:
+            raise ValueError(f"comm_* settings (quantized fsdp communication): {e}") from e
 
     def _validate_types(self):
         """Every field's type (and the mesh spec's syntax), naming the field."""
@@ -136,6 +151,19 @@ class TrainConfig:
             from pallax.sharding import parse_mesh_spec
 
             parse_mesh_spec(self.mesh)
+
+    def comm_quant(self) -> CommQuant:
+        """The :class:`pallax.sharding.CommQuant` described by the ``comm_*`` fields."""
+        return CommQuant(
+            weights=self.comm_quant_weights,
+            grads=self.comm_quant_grads,
+            block_size=self.comm_quant_block,
+            hpz=self.comm_hpz,
+            hadamard=self.comm_hadamard,
+            weight_diff=self.comm_weight_diff,
+            fsdp_per_host=self.comm_fsdp_per_host,
+            explicit=self.comm_explicit,
+        )
 
     @property
     def tokens_per_step(self) -> int:

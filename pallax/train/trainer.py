@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -26,7 +27,9 @@ from flax import nnx
 
 from pallax import sharding as ps
 from pallax.models import Transformer, generate, shard_model
+from pallax.models.transformer import Linear
 from pallax.pallas_kernels import QuantizedWeight, SparseWeight
+from pallax.sharding import comm_quant
 from pallax.train import data as data_lib
 from pallax.train.checkpoint import Checkpointer, weight_descriptions
 from pallax.train.config import TrainConfig, to_dict
@@ -165,6 +168,7 @@ class Trainer:
                     f"micro-batch {config.batch_size // config.grad_accum} sequences "
                     f"(batch_size / grad_accum) must divide over data x fsdp = {shards} devices"
                 )
+        self.comm = self._resolve_comm(config)
         if model is None:
             model = Transformer(config.model, rngs=nnx.Rngs(config.seed))
         elif model.config != config.model:
@@ -175,6 +179,7 @@ class Trainer:
         if self.mesh is not None:
             with jax.set_mesh(self.mesh):
                 shard_model(model, self.mesh)
+        self._fsdp_specs = self._fsdp_weight_specs(model) if self.comm.enabled else {}
         self.weights = weight_descriptions(model)
         self.graphdef, self.params = nnx.split(model)
         self._treedef = jax.tree.structure(self.params)
@@ -185,6 +190,8 @@ class Trainer:
         )
         self.schedule = learning_rate_schedule(config)
         self.opt_state = self._init_optimizer()
+        if self.comm.weight_diff:  # the SDP4Bit references travel (and checkpoint) with it
+            self.opt_state = (self.opt_state, self._initial_references(model))
         self.step = 0
         self.batch_sharding = (
             None if self.mesh is None else ps.named_sharding(self.mesh, ("batch", None))
@@ -209,6 +216,60 @@ class Trainer:
 
     # -- parameters -------------------------------------------------------------------------
 
+    def _resolve_comm(self, config: TrainConfig) -> ps.CommQuant:
+        """The comm quantization of ``config``, checked against (and resolved on) the mesh."""
+        comm = config.comm_quant()
+        if not comm.enabled:
+            return comm
+        if self.mesh is None or self.mesh.shape[ps.FSDP] == 1:
+            shape = None if self.mesh is None else dict(self.mesh.shape)
+            raise ValueError(
+                f"the comm_* settings ({comm}) act on the fsdp collectives: the mesh needs "
+                f"fsdp > 1 (e.g. --mesh data=2,fsdp=4), got {shape}"
+            )
+        return comm.resolve(self.mesh)
+
+    @staticmethod
+    def _fsdp_weight_specs(model) -> dict:
+        """``{layer path: PartitionSpec}`` of the dense linear weights split over fsdp."""
+        specs = {}
+        for path, layer in nnx.iter_modules(model):
+            w = layer.kernel.get_value() if isinstance(layer, Linear) else None
+            if isinstance(w, jax.Array) and comm_quant.fsdp_axis_of(w.sharding.spec) is not None:
+                specs[".".join(map(str, path))] = w.sharding.spec
+        return specs
+
+    def _fsdp_layers(self, model):
+        for path, layer in nnx.iter_modules(model):
+            name = ".".join(map(str, path))
+            if name in self._fsdp_specs:
+                yield name, layer
+
+    def _initial_references(self, model) -> dict:
+        """Exact replicated copies of the dense fsdp weights (SDP4Bit's starting point)."""
+        return {
+            name: jax.device_put(
+                layer.kernel.get_value(),
+                jax.sharding.NamedSharding(
+                    self.mesh, comm_quant.reference_spec(self._fsdp_specs[name])
+                ),
+            )
+            for name, layer in self._fsdp_layers(model)
+        }
+
+    def _refreshed_references(self, params, references) -> dict:
+        model = nnx.merge(self.graphdef, params)
+        return {
+            name: comm_quant.refresh(
+                layer.kernel.get_value(),
+                references[name],
+                self._fsdp_specs[name],
+                self.comm,
+                self.mesh,
+            )
+            for name, layer in self._fsdp_layers(model)
+        }
+
     def _trainable(self, params):
         leaves = jax.tree.leaves(params)
         return [leaves[i] for i in self._train_index]
@@ -232,13 +293,24 @@ class Trainer:
 
     # -- jitted steps -----------------------------------------------------------------------
 
-    def _loss(self, trainable, params, tokens):
+    def _loss(self, trainable, params, tokens, *, comm=None, references=None):
         model = nnx.merge(self.graphdef, self._with_trainable(params, trainable))
+        if comm is not None:  # dense layers gather and reduce through comm_quant
+            for name, layer in self._fsdp_layers(model):
+                reference = None if references is None else references[name]
+                weight = ps.FsdpWeight(layer.kernel.get_value(), reference, comm)
+                layer.kernel.set_value(weight)
         return cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
 
     def _step_fn(self, params, opt_state, tokens):
         trainable = self._trainable(params)
-        grad_fn = jax.value_and_grad(self._loss)
+        references = None
+        if self.comm.weight_diff:
+            opt_state, references = opt_state
+        loss_fn = self._loss
+        if self.comm.enabled:
+            loss_fn = functools.partial(self._loss, comm=self.comm, references=references)
+        grad_fn = jax.value_and_grad(loss_fn)
         accum = self.config.grad_accum
         if accum == 1:
             loss, grads = grad_fn(trainable, params, tokens)
@@ -258,6 +330,8 @@ class Trainer:
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.optimizer.update(grads, opt_state, trainable)
         params = self._with_trainable(params, optax.apply_updates(trainable, updates))
+        if self.comm.weight_diff:
+            opt_state = (opt_state, self._refreshed_references(params, references))
         return params, opt_state, {"loss": loss, "grad_norm": grad_norm}
 
     def _eval_fn(self, params, tokens):
