@@ -309,6 +309,16 @@ def _keep_mask(scores: np.ndarray, sparsity: float, pattern: tuple[int, int] | N
     return keep.T
 
 
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """``"n:m"`` (keep n of every m consecutive inputs) -> ``(n, m)``."""
+    try:
+        parsed = tuple(int(p) for p in pattern.split(":"))
+        assert len(parsed) == 2 and 0 < parsed[0] <= parsed[1]
+    except (ValueError, AssertionError, AttributeError):
+        raise ValueError(f"pattern must look like '2:4', got {pattern!r}") from None
+    return parsed
+
+
 def sparsify(
     w,
     sparsity: float = 0.8,
@@ -329,13 +339,7 @@ def sparsify(
         raise ValueError(f"sparsify expects a 2D [in_features, out_features] weight, got {w.shape}")
     if pattern is None and not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
-    parsed = None
-    if pattern is not None:
-        try:
-            parsed = tuple(int(p) for p in pattern.split(":"))
-            assert len(parsed) == 2 and 0 < parsed[0] <= parsed[1]
-        except (ValueError, AssertionError, AttributeError):
-            raise ValueError(f"pattern must look like '2:4', got {pattern!r}") from None
+    parsed = None if pattern is None else parse_pattern(pattern)
     scores = np.abs(w.astype(np.float32))
     if method == "wanda":
         if activation_norms is None:
