@@ -97,10 +97,11 @@ def hessian(x: jax.Array) -> jax.Array:
     Under a mesh ``x`` may be sharded over its rows (a data-sharded batch): the
     result is replicated (the row sum becomes an all-reduce).
     """
-    x = jnp.asarray(x).reshape(-1, x.shape[-1]).astype(jnp.float32)
+    x = jnp.asarray(x).astype(jnp.float32)
+    count = int(np.prod(x.shape[:-1]))
     mesh = jax.sharding.get_abstract_mesh()
     kwargs = {} if mesh.empty else {"out_sharding": jax.sharding.PartitionSpec()}
-    return jnp.einsum("nk,nl->kl", x, x, precision="highest", **kwargs) * (2.0 / x.shape[0])
+    return jnp.einsum("...k,...l->kl", x, x, precision="highest", **kwargs) * (2.0 / count)
 
 
 def _check_layer(w, h, name):
