@@ -158,9 +158,14 @@ def _encode(w_t, scales, zeros, bits, group_size):
         raw = q + (8 if bits == 4 else 0)
     else:
         raw = jnp.clip(jnp.round(w_t / expand(scales)) + expand(zeros), 0, 2**bits - 1)
-    raw = raw.astype(jnp.int32)
+    return _pack(raw.astype(jnp.int32), bits, symmetric=zeros is None)
+
+
+def _pack(raw, bits, symmetric):
+    """Stored integers ``raw`` (int32 ``[N, K]``, already offset: 0..15 for int4)
+    -> the ``values`` array of :class:`QuantizedWeight`."""
     if bits == 8:
-        return raw.astype(jnp.int8 if zeros is None else jnp.uint8)
+        return raw.astype(jnp.int8 if symmetric else jnp.uint8)
     n, k = raw.shape
     blocks = raw.reshape(n, k // PACK_BLOCK, 2, PACK_BLOCK // 2)
     return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).astype(jnp.uint8)

@@ -316,6 +316,16 @@ def _keep_mask(scores: np.ndarray, sparsity: float, pattern: tuple[int, int] | N
     return keep.T
 
 
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """``"n:m"`` (keep n of every m consecutive inputs) -> ``(n, m)``."""
+    try:
+        parsed = tuple(int(p) for p in pattern.split(":"))
+        assert len(parsed) == 2 and 0 < parsed[0] <= parsed[1]
+    except (ValueError, AssertionError, AttributeError):
+        raise ValueError(f"pattern must look like '2:4', got {pattern!r}") from None
+    return parsed
+
+
 def sparsify(
     w,
     sparsity: float = 0.8,
@@ -343,13 +353,7 @@ def sparsify(
     check_choice("method", method, ("magnitude", "wanda"))
     # A NaN would be scored as the smallest weight and pruned, hiding the problem.
     check_finite(name, w)
-    parsed = None
-    if pattern is not None:
-        try:
-            parsed = tuple(int(p) for p in pattern.split(":"))
-            assert len(parsed) == 2 and 0 < parsed[0] <= parsed[1]
-        except (ValueError, AssertionError, AttributeError):
-            raise ValueError(f"pattern must look like '2:4', got {pattern!r}") from None
+    parsed = None if pattern is None else parse_pattern(pattern)
     scores = np.abs(w.astype(np.float32))
     if method == "wanda":
         if activation_norms is None:
