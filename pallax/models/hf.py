@@ -1,5 +1,10 @@
 """Hugging Face Llama / Mistral checkpoints <-> :class:`Transformer`.
 
+compressed-tensors checkpoints (``pack-quantized`` int4/int8, ``sparse-bitmask``;
+see :mod:`pallax.models.compressed_tensors`) load straight into
+``QuantizedWeight`` / ``SparseWeight``, and ``to_hf(...,
+format="compressed-tensors")`` writes them.
+
 ``from_hf`` reads ``config.json`` and the safetensors file(s) (sharded
 checkpoints via ``model.safetensors.index.json``) one tensor at a time and puts
 each straight onto the mesh with its logical sharding, so the host never holds
@@ -18,6 +23,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from pallax.models import compressed_tensors as ct
 from pallax.models.transformer import (
     RopeScaling,
     Transformer,
@@ -147,21 +153,29 @@ def _tensor_files(path: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def from_hf(path, *, mesh=None, dtype: str = "bfloat16", **config_overrides) -> Transformer:
+def from_hf(
+    path, *, mesh=None, dtype: str = "bfloat16", transform=None, **config_overrides
+) -> Transformer:
     """Loads a Llama / Mistral checkpoint directory into a :class:`Transformer`.
 
     With ``mesh`` the parameters are created directly sharded by the logical
     rules (tensor by tensor: nothing is materialised whole on the host beyond
     one tensor). ``config_overrides`` replace TransformerConfig fields (e.g.
-    ``attention_implementation``).
+    ``attention_implementation``). compressed-tensors layers become
+    ``QuantizedWeight`` / ``SparseWeight``. ``transform(linear_path, kernel)``,
+    if given, is applied to each dense linear kernel ``[in, out]`` as soon as it
+    is read (e.g. to quantize it), so a conversion never holds the dense model.
     """
     path = Path(path)
-    config = config_from_hf(json.loads((path / "config.json").read_text()))
+    hf_config = json.loads((path / "config.json").read_text())
+    config = config_from_hf(hf_config)
     config = TransformerConfig(**{**config.__dict__, "dtype": dtype, **config_overrides})
     model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     shardings = logical_shardings(model, mesh) if mesh is not None else None
     files = _tensor_files(path)
     names = _hf_names(config)
+    compressed = _compressed_linears(hf_config, files, names)
+    names = {name: entry for name, entry in names.items() if name not in compressed}
     missing = sorted(set(names) - set(files))
     if missing:
         raise ValueError(f"checkpoint {path} lacks tensors {missing[:5]}")
@@ -187,25 +201,112 @@ def from_hf(path, *, mesh=None, dtype: str = "bfloat16", **config_overrides) -> 
                 value = jax.make_array_from_callback(expected, flat_shardings[param_path], read)
             else:
                 value = jnp.asarray(read((slice(None),) * len(expected)))
+        if transform is not None and transpose and param_path[-1] == "kernel":
+            value = transform(".".join(str(p) for p in param_path[:-1]), value)
         variable.set_value(value)
+    for name, (param_path, weight, _) in compressed.items():
+        expected = flat[param_path].get_value().shape
+        if weight.shape != expected:
+            raise ValueError(
+                f"{name}: compressed weight of shape [in, out] = {list(weight.shape)} does "
+                f"not match the config ({list(expected)})"
+            )
+        flat[param_path].set_value(weight)
     nnx.update(model, nnx.from_flat_state(flat))
+    if compressed:
+        _set_act_bits(model, {p: bits for p, _, bits in compressed.values()})
+    if mesh is not None and (compressed or transform is not None):
+        from pallax.models.transformer import shard_model
+
+        shard_model(model, mesh)
     return model
 
 
-def to_hf(model: Transformer, path, *, max_shard_bytes: int | None = None) -> Path:
-    """Writes ``config.json`` + safetensors (sharded when over ``max_shard_bytes``)."""
+def _compressed_linears(hf_config: dict, files: dict, names: dict) -> dict:
+    """``{hf name: (param path, QuantizedWeight | SparseWeight, act_bits)}`` of the
+    linears a compressed-tensors checkpoint stores compressed (none otherwise)."""
+    quantization = hf_config.get("quantization_config")
+    if not quantization:
+        return {}
+    method = quantization.get("quant_method")
+    if method != ct.QUANT_METHOD:
+        raise ValueError(
+            f"quantization_config quant_method {method!r} is not supported "
+            f"(supported: {ct.QUANT_METHOD!r})"
+        )
+
+    def read(tensor_names):
+        out = {}
+        for name in tensor_names:
+            if name not in files:
+                raise ValueError(f"compressed-tensors checkpoint lacks tensor {name!r}")
+            with safe_open(files[name], "np") as f:
+                out[name] = f.get_tensor(name)
+        return out
+
+    compressed = {}
+    for name, (param_path, transpose) in names.items():
+        if not transpose:  # embeddings and norms stay dense
+            continue
+        module = name.removesuffix(".weight")
+        weight = ct.read_linear(module, quantization, files.__contains__, read)
+        if weight is not None:
+            compressed[name] = (param_path, weight, ct.act_bits_for(quantization, module))
+    return compressed
+
+
+def _set_act_bits(model: Transformer, act_bits: dict[tuple, int | None]) -> None:
+    from pallax.models.convert import linears
+
+    by_path = dict(linears(model))
+    for param_path, bits in act_bits.items():
+        by_path[".".join(str(p) for p in param_path[:-1])].act_bits = bits
+
+
+def to_hf(
+    model: Transformer, path, *, max_shard_bytes: int | None = None, format: str = "dense"
+) -> Path:
+    """Writes ``config.json`` + safetensors (sharded when over ``max_shard_bytes``).
+
+    ``format="compressed-tensors"`` writes quantized / sparse linears as
+    compressed-tensors ``pack-quantized`` / ``sparse-bitmask`` tensors with their
+    ``quantization_config`` (what vLLM and transformers load); ``"dense"``
+    accepts dense models only.
+    """
+    if format not in ("dense", "compressed-tensors"):
+        raise ValueError(f"format must be 'dense' or 'compressed-tensors', got {format!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.config
-    (path / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
+    hf_config = config_to_hf(config)
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2))
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     tensors = {}
+    compressed = {}  # hf module name -> (weight, act_bits)
     for name, (param_path, transpose) in _hf_names(config).items():
         value = flat[param_path].get_value()
         if not isinstance(value, jax.Array):
-            raise ValueError(f"{name} is {type(value).__name__}: convert to dense before to_hf")
+            if format != "compressed-tensors":
+                raise ValueError(
+                    f"{name} is {type(value).__name__}: pass format='compressed-tensors' "
+                    "or convert to dense before to_hf"
+                )
+            module = name.removesuffix(".weight")
+            if isinstance(value, ct.SparseShards):
+                value = value.merge()
+            compressed[module] = (value, _act_bits(model, param_path))
+            if isinstance(value, ct.QuantizedWeight):
+                for key, array in ct.quantized_to_ct(value).items():
+                    tensors[f"{module}.{key}"] = array
+            else:
+                for key, array in ct.sparse_to_ct(value).items():
+                    tensors[f"{name}.{key}"] = array
+            continue
         array = np.asarray(jax.device_get(value), np.float32)
         tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+    if compressed:
+        hf_config["quantization_config"] = ct.quantization_config(compressed)
+        (path / "config.json").write_text(json.dumps(hf_config, indent=2))
     if max_shard_bytes is None:
         save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
         return path
@@ -226,3 +327,9 @@ def to_hf(model: Transformer, path, *, max_shard_bytes: int | None = None) -> Pa
         json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2)
     )
     return path
+
+
+def _act_bits(model: Transformer, param_path: tuple) -> int | None:
+    from pallax.models.convert import linears
+
+    return dict(linears(model))[".".join(str(p) for p in param_path[:-1])].act_bits
