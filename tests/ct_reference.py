@@ -3,8 +3,9 @@
 python ct_reference.py make DIR TOKENS.npy OUT.npz   # compress a tiny random Llama with
     # compressed-tensors (attention int4 asymmetric g32, down_proj int8 symmetric per
     # channel, gate/up sparse-bitmask 50%); OUT holds the dequantized weights and logits
-python ct_reference.py check DIR TOKENS.npy OUT.npz  # decompress a directory we wrote with
-    # compressed-tensors; load it with transformers too (logits)
+python ct_reference.py check TOKENS.npy DIR...  # decompress directories we wrote with
+    # compressed-tensors into DIR/reference.npz; without sparse layers, transformers
+    # loads the directory too (logits)
 
 compressed-tensors >= 0.15 keeps sparse-bitmask as a (legacy) config format and
 its bitmask helpers but no longer ships the compressor; the 0.14 decompressor is
@@ -97,8 +98,12 @@ def make(path, tokens_path, out_path):
     np.savez(out_path, logits=logits(model, np.load(tokens_path)), **dequantized)
 
 
-def check(path, tokens_path, out_path):
-    path = Path(path)
+def check(tokens_path, *paths):
+    for path in paths:
+        _check(Path(path), tokens_path, Path(path) / "reference.npz")
+
+
+def _check(path, tokens_path, out_path):
     config = json.loads((path / "config.json").read_text())["quantization_config"]
     tensors = {}
     for file in sorted(path.glob("*.safetensors")):
@@ -121,6 +126,9 @@ def check(path, tokens_path, out_path):
             offsets = torch.cumsum(mask.sum(-1), 0) - mask.sum(-1)
             assert torch.equal(offsets, tensors[f"{module}.weight.row_offsets"]), module
             out[module] = dense.numpy()
+    if sparsity:  # compressed-tensors >= 0.15 no longer decompresses sparse-bitmask
+        np.savez(out_path, **out)
+        return
     try:  # transformers + compressed-tensors load the directory (decompressing on CPU)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path, torch_dtype=torch.float32, attn_implementation="eager"
@@ -132,4 +140,4 @@ def check(path, tokens_path, out_path):
 
 
 if __name__ == "__main__":
-    {"make": make, "check": check}[sys.argv[1]](*sys.argv[2:5])
+    {"make": make, "check": check}[sys.argv[1]](*sys.argv[2:])

@@ -150,9 +150,7 @@ def quantized_from_ct(
     else:
         raise ValueError(f"{name}: quantization strategy {strategy!r} is not supported")
     if group % PACK_BLOCK and PACK_BLOCK % group:
-        raise ValueError(
-            f"{name}: group_size {group} must divide or be a multiple of {PACK_BLOCK}"
-        )
+        raise ValueError(f"{name}: group_size {group} must divide or be a multiple of {PACK_BLOCK}")
     scales = np.asarray(tensors["weight_scale"], np.float32).reshape(n, -1)
     groups = -(-k // group)
     if scales.shape != (n, groups):
@@ -164,7 +162,9 @@ def quantized_from_ct(
     if codes.shape != (n, k):
         raise ValueError(f"{name}: weight_packed unpacks to {codes.shape}, expected {(n, k)}")
     symmetric = bool(weights.get("symmetric", True))
-    full_scales = np.ones((np_, kp // group), np.float32)
+    # Padding as quantize() leaves it (smallest normal scale, code of 0), so a
+    # to_hf -> from_hf round trip is bit-exact.
+    full_scales = np.full((np_, kp // group), np.finfo(np.float32).tiny, np.float32)
     full_scales[:n, :groups] = scales
     if symmetric:
         # Our symmetric zero: 8 for int4 (raw = q + 8 = code), 0 for int8 (raw = q).

@@ -297,10 +297,10 @@ def to_hf(
             compressed[module] = (value, _act_bits(model, param_path))
             if isinstance(value, ct.QuantizedWeight):
                 for key, array in ct.quantized_to_ct(value).items():
-                    tensors[f"{module}.{key}"] = array
+                    tensors[f"{module}.{key}"] = np.ascontiguousarray(array)
             else:
                 for key, array in ct.sparse_to_ct(value).items():
-                    tensors[f"{name}.{key}"] = array
+                    tensors[f"{name}.{key}"] = np.ascontiguousarray(array)
             continue
         array = np.asarray(jax.device_get(value), np.float32)
         tensors[name] = np.ascontiguousarray(array.T if transpose else array)
