@@ -45,14 +45,12 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def _tokenizer(candidates, fallback: str | None):
-    """The first ``tokenizer.json`` among ``candidates``, else ``fallback`` (None: none)."""
+def _tokenizer_file(candidates) -> HFTokenizer | None:
+    """The first ``tokenizer.json`` among the directories ``candidates``."""
     for directory in candidates:
         if (Path(directory) / "tokenizer.json").is_file():
             return HFTokenizer(Path(directory) / "tokenizer.json")
-    if fallback is None:
-        return None
-    return load_tokenizer(fallback)
+    return None
 
 
 def load_source(path, step: int | None = None, *, dtype: str | None = None, transform=None):
@@ -70,7 +68,7 @@ def load_source(path, step: int | None = None, *, dtype: str | None = None, tran
         if step is not None:
             raise ValueError(f"--step does not apply to the Hugging Face directory {str(path)!r}")
         model = from_hf(path, dtype=dtype or default_dtype(), transform=transform)
-        tokenizer = _tokenizer([path], None)
+        tokenizer = _tokenizer_file([path])
         config = TrainConfig(model=model.config, tokenizer=getattr(tokenizer, "path", None))
         meta = {
             "config": to_dict(config),
@@ -84,7 +82,9 @@ def load_source(path, step: int | None = None, *, dtype: str | None = None, tran
     directory = checkpoint_dir(path)
     model, meta = load_model(directory, step)
     # A converted Hugging Face model keeps its tokenizer.json beside the checkpoints.
-    tokenizer = _tokenizer([path, directory], meta["config"].get("tokenizer"))
+    tokenizer = _tokenizer_file([path, directory]) or load_tokenizer(
+        meta["config"].get("tokenizer")
+    )
     return model, meta, tokenizer
 
 
