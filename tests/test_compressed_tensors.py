@@ -130,3 +130,19 @@ def test_compressed_tensors_errors_name_the_problem(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quant_method 'gptq' is not supported"):
         from_hf(tmp_path)
+
+
+def test_compressed_tensors_load_onto_a_mesh(tmp_path):
+    from pallax import sharding as ps
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices")
+    model = mixed_model(sparse=True)
+    to_hf(model, tmp_path, format="compressed-tensors")
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 96, (8, 8)), jnp.int32)
+    # (tensor=2 would split the 64-input int4 o_proj below one 128-wide pack block)
+    mesh = ps.make_mesh(data=4, fsdp=2)
+    with jax.set_mesh(mesh):
+        sharded = from_hf(tmp_path, mesh=mesh, dtype="float32")
+        out = nnx.jit(lambda m, x: m(x))(sharded, tokens)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(model(tokens)), atol=1e-5, rtol=1e-5)
