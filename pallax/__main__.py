@@ -1,4 +1,8 @@
-"""Command line: ``pallax {demo,train,generate,convert,bench}`` (or ``python -m pallax``)."""
+"""Command line: ``pallax {demo,train,generate,convert,eval,bench}`` (or ``python -m pallax``).
+
+``generate``, ``convert`` and ``eval`` take a pallax checkpoint or a Hugging Face
+model directory (``config.json``, ``*.safetensors``, ``tokenizer.json``).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,17 @@ BENCHMARKS = (
     "train",
     "comm_quant",
 )
+SOURCE_HELP = "pallax run / checkpoints directory, or a Hugging Face model directory"
+DTYPE_HELP = "compute dtype of a Hugging Face model (default: float32 on CPU, else bfloat16)"
+
+# `pallax convert --method NAME`: NAME -> (operation, needs calibration tokens). A new
+# one-shot method adds an entry here and, if it needs one, a branch in _compress.
+CONVERT_METHODS = {
+    "magnitude": ("prune", False),
+    "wanda": ("prune", True),
+    "rtn": ("quantize", False),
+    "lkd": ("quantize", True),
+}
 
 
 def _setting(text: str) -> tuple[str, object]:
@@ -93,7 +108,8 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     gen = commands.add_parser("generate", help="sample text from a checkpoint")
-    gen.add_argument("--checkpoint", required=True, help="run or checkpoints directory")
+    gen.add_argument("--checkpoint", required=True, help=SOURCE_HELP)
+    gen.add_argument("--dtype", choices=("float32", "bfloat16"), help=DTYPE_HELP)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=200)
     gen.add_argument("--temperature", type=float, default=0.8)
@@ -102,16 +118,50 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--step", type=int, default=None, help="default: latest")
 
-    convert = commands.add_parser("convert", help="sparsify and/or quantize a checkpoint")
-    convert.add_argument("--checkpoint", required=True)
+    convert = commands.add_parser("convert", help="sparsify or quantize a checkpoint")
+    convert.add_argument("--checkpoint", required=True, help=SOURCE_HELP)
     convert.add_argument("--out", required=True, help="new checkpoint directory")
+    convert.add_argument(
+        "--format",
+        choices=("pallax", "compressed-tensors"),
+        default="pallax",
+        help="pallax checkpoint, or a Hugging Face directory in compressed-tensors format",
+    )
+    convert.add_argument(
+        "--method",
+        choices=tuple(CONVERT_METHODS),
+        help="pruning or quantization method (default: --prune-method / --quant-method)",
+    )
     convert.add_argument("--sparsity", type=float, help="fraction of weights to prune, e.g. 0.7")
     convert.add_argument("--prune-method", default="magnitude", choices=("magnitude", "wanda"))
     convert.add_argument("--pattern", help="N:M pattern instead of unstructured, e.g. 2:4")
     convert.add_argument("--quantize", choices=("w8a8", "w8", "w4"), help="weight format")
     convert.add_argument("--quant-method", default="rtn", choices=("rtn", "lkd"))
     convert.add_argument("--group-size", type=int, default=128)
-    convert.add_argument("--calibration-batches", type=int, default=4)
+    convert.add_argument("--calibration-batches", type=int, default=4, help="of 4 sequences")
+    convert.add_argument(
+        "--data", help="calibration text/.npy (default: the run's data or the embedded corpus)"
+    )
+    convert.add_argument("--seq-len", type=int, help="calibration sequence length")
+    convert.add_argument("--dtype", choices=("float32", "bfloat16"), help=DTYPE_HELP)
+
+    evaluate = commands.add_parser("eval", help="perplexity and prefill / decode tokens/s")
+    evaluate.add_argument("--checkpoint", required=True, help=SOURCE_HELP)
+    evaluate.add_argument(
+        "--data", help="text file, directory of *.txt or .npy token ids (default: embedded corpus)"
+    )
+    evaluate.add_argument(
+        "--split",
+        choices=("validation", "all"),
+        default="validation",
+        help="validation: the held-out blocks training and calibration never see (default)",
+    )
+    evaluate.add_argument("--seq-len", type=int, help="default: the run's, 256 for HF models")
+    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--max-batches", type=int, default=8)
+    evaluate.add_argument("--decode-tokens", type=int, default=64, help="for decode tokens/s")
+    evaluate.add_argument("--step", type=int, default=None, help="default: latest")
+    evaluate.add_argument("--dtype", choices=("float32", "bfloat16"), help=DTYPE_HELP)
 
     bench = commands.add_parser("bench", help="run a benchmark from benchmarks/")
     bench.add_argument("name", choices=BENCHMARKS)
@@ -195,10 +245,11 @@ def _generate(args) -> None:
     import jax
 
     from pallax.models import generate
-    from pallax.train import load_model, load_tokenizer
+    from pallax.train.sources import load_source
 
-    model, meta = load_model(_checkpoint_dir(args.checkpoint), args.step)
-    tokenizer = load_tokenizer(meta["config"]["tokenizer"])
+    model, meta, tokenizer = load_source(args.checkpoint, args.step, dtype=args.dtype)
+    if tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer.json to encode --prompt with")
     prompt = tokenizer.encode(args.prompt)
     if prompt.size == 0:
         raise ValueError("--prompt is empty")
@@ -211,6 +262,7 @@ def _generate(args) -> None:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        stop_tokens=tuple(meta.get("stop_tokens", ())),
     )
     jax.block_until_ready(out)
     elapsed = time.perf_counter() - start
@@ -221,13 +273,9 @@ def _generate(args) -> None:
     )
 
 
-def _convert(args) -> None:
-    from pallax.models import quantize_model, sparsify_model
-    from pallax.train import Checkpointer, TrainConfig, load_model
-    from pallax.train.checkpoint import weight_descriptions
-    from pallax.train.config import from_dict
-    from pallax.train.data import TokenDataset, load_tokenizer, load_tokens, validation_batches
-
+def _convert_method(args) -> str:
+    """The method of ``--method`` (or --prune-method / --quant-method), checked against
+    the operation that --sparsity / --quantize asks for."""
     if args.sparsity is None and args.quantize is None:
         raise ValueError("nothing to do: give --sparsity and/or --quantize")
     # Checked before the (slow) checkpoint load.
@@ -242,42 +290,205 @@ def _convert(args) -> None:
             "a linear holds one weight format: sparsify or quantize, not both "
             "(convert twice with different layer selections instead)"
         )
-    model, meta = load_model(_checkpoint_dir(args.checkpoint))
-    config: TrainConfig = from_dict(meta["config"])
-    calibration = None
-    if args.prune_method == "wanda" and args.sparsity is not None or args.quant_method == "lkd":
-        tokenizer = load_tokenizer(config.tokenizer)
-        dataset = TokenDataset.split(
-            load_tokens(config.data, tokenizer), config.seq_len, config.validation_fraction
-        )
-        calibration = validation_batches(dataset, 4, config.seq_len, args.calibration_batches)
-        calibration = [b[:, :-1] for b in calibration]
-        import numpy as np
+    operation = "prune" if args.sparsity is not None else "quantize"
+    method = args.method or (args.prune_method if operation == "prune" else args.quant_method)
+    if CONVERT_METHODS[method][0] != operation:
+        flag = "--sparsity" if operation == "prune" else "--quantize"
+        raise ValueError(f"--method {method} does not {operation}: it cannot go with {flag}")
+    return method
 
-        calibration = np.concatenate(calibration)
-    if args.sparsity is not None:
+
+def _compress(model, method: str, args, calibration=None, layers=None) -> None:
+    """Applies ``method`` to the selected linears of ``model`` in place."""
+    from pallax.models import quantize_model, sparsify_model
+
+    if CONVERT_METHODS[method][0] == "prune":
         sparsify_model(
-            model, args.sparsity, args.prune_method, calibration=calibration, pattern=args.pattern
+            model,
+            args.sparsity,
+            method,
+            calibration=calibration,
+            pattern=args.pattern,
+            layers=layers,
         )
     else:
-        bits = 4 if args.quantize == "w4" else 8
-        act_bits = 8 if args.quantize == "w8a8" else None
         quantize_model(
             model,
-            bits,
-            act_bits,
-            args.quant_method,
+            4 if args.quantize == "w4" else 8,
+            8 if args.quantize == "w8a8" else None,
+            method,
             calibration=calibration,
             group_size=args.group_size,
+            layers=layers,
         )
-    out = Checkpointer(args.out)
-    meta = {**meta, "weights": weight_descriptions(model), "converted_from": args.checkpoint}
+
+
+def _per_layer_transform(method: str, args, act_bits: dict):
+    """``from_hf`` transform compressing each selected linear as it is read (data-free
+    methods), so a Hugging Face model converts without ever being dense in memory."""
     from flax import nnx
 
+    from pallax.models.convert import transformer_blocks_only
+    from pallax.models.transformer import Linear
+
+    def transform(path, kernel):
+        if not transformer_blocks_only(path, None):
+            return kernel
+        layer = nnx.eval_shape(
+            lambda: Linear(*kernel.shape, (None, None), parallel="column", rngs=nnx.Rngs(0))
+        )
+        layer.kernel.set_value(kernel)
+        _compress(layer, method, args, layers=lambda *_: True)
+        act_bits[path] = layer.act_bits
+        return layer.kernel.get_value()
+
+    return transform
+
+
+def _calibration_tokens(args, config, tokenizer):
+    """``[4 * calibration_batches, seq_len]`` windows from the training split (eval
+    measures the validation split)."""
+    import numpy as np
+
+    from pallax.train.data import TokenDataset, load_tokens, train_batch
+
+    data = args.data if args.data is not None else config.data
+    if tokenizer is None and not str(data).endswith(".npy"):
+        raise ValueError(f"{args.checkpoint} has no tokenizer.json: give --data as .npy tokens")
+    seq_len = args.seq_len or config.seq_len
+    tokens = load_tokens(data, tokenizer)
+    dataset = TokenDataset.split(tokens, seq_len, config.validation_fraction)
+    batches = [
+        np.asarray(train_batch(dataset, config.seed, step, 4, seq_len))[:, :-1]
+        for step in range(args.calibration_batches)
+    ]
+    return np.concatenate(batches)
+
+
+def _copy_tokenizer(source, tokenizer, out) -> str | None:
+    """Copies the Hugging Face tokenizer files next to the converted model."""
+    import shutil
+
+    from pallax.train.sources import HF_TOKENIZER_FILES, is_hf_directory
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_hf_directory(source):
+        for name in HF_TOKENIZER_FILES:
+            if (Path(source) / name).is_file():
+                shutil.copy(Path(source) / name, out / name)
+    elif getattr(tokenizer, "path", None):
+        shutil.copy(tokenizer.path, out / "tokenizer.json")
+    return str((out / "tokenizer.json").absolute()) if (out / "tokenizer.json").exists() else None
+
+
+def _convert(args) -> None:
+    from flax import nnx
+
+    from pallax.models import linears, to_hf
+    from pallax.train import Checkpointer
+    from pallax.train.checkpoint import weight_descriptions
+    from pallax.train.config import from_dict, to_dict
+    from pallax.train.sources import is_hf_directory, load_source
+
+    method = _convert_method(args)
+    needs_data = CONVERT_METHODS[method][1]
+    act_bits: dict[str, int | None] = {}
+    streaming = is_hf_directory(args.checkpoint) and not needs_data
+    transform = _per_layer_transform(method, args, act_bits) if streaming else None
+    model, meta, tokenizer = load_source(args.checkpoint, dtype=args.dtype, transform=transform)
+    if streaming:
+        for path, layer in linears(model):
+            layer.act_bits = act_bits.get(path, layer.act_bits)
+    else:
+        config = from_dict(meta["config"])
+        calibration = _calibration_tokens(args, config, tokenizer) if needs_data else None
+        _compress(model, method, args, calibration)
+    tokenizer_path = _copy_tokenizer(args.checkpoint, tokenizer, args.out)
+    if args.format == "compressed-tensors":
+        to_hf(model, args.out, format="compressed-tensors")
+        print(f"wrote {args.out} (compressed-tensors)")
+        return
+    config = from_dict(meta["config"])
+    if tokenizer_path is not None:
+        config = from_dict({**to_dict(config), "tokenizer": tokenizer_path}, config)
+    meta = {
+        **meta,
+        "config": to_dict(config),
+        "weights": weight_descriptions(model),
+        "converted_from": args.checkpoint,
+        "method": method,
+    }
+    out = Checkpointer(args.out)
     out.save(meta.pop("step"), nnx.state(model, nnx.Param), None, meta, force=True)
     out.wait()
     out.close()
     print(f"wrote {args.out}")
+
+
+def _eval(args) -> None:
+    import math
+    import time
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from pallax.models import generate, model_nbytes
+    from pallax.train.config import from_dict
+    from pallax.train.data import TokenDataset, load_tokens
+    from pallax.train.sources import load_source
+    from pallax.train.trainer import cross_entropy
+
+    for name in ("batch_size", "max_batches", "decode_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    model, meta, tokenizer = load_source(args.checkpoint, args.step, dtype=args.dtype)
+    config = from_dict(meta["config"])
+    data = args.data if args.data is not None else config.data
+    if tokenizer is None and not str(data).endswith(".npy"):
+        raise ValueError(f"{args.checkpoint} has no tokenizer.json: give --data as .npy tokens")
+    seq_len = args.seq_len or config.seq_len
+    tokens = load_tokens(data, tokenizer)
+    if args.split == "validation":
+        tokens = TokenDataset.split(tokens, seq_len, config.validation_fraction).validation
+    count = min((len(tokens) - 1) // seq_len, args.batch_size * args.max_batches)
+    if count < 1:
+        raise ValueError(f"{len(tokens)} {args.split} tokens are too few for --seq-len {seq_len}")
+    windows = tokens[np.arange(count)[:, None] * seq_len + np.arange(seq_len + 1)]
+    loss_fn = nnx.jit(lambda m, t: cross_entropy(m(t[:, :-1]), t[:, 1:]))
+    total = 0.0
+    for start in range(0, count, args.batch_size):
+        batch = windows[start : start + args.batch_size]
+        total += float(loss_fn(model, jax.numpy.asarray(batch))) * len(batch)
+    loss = total / count
+
+    # Throughput: prefill of a batch of prompts, then decode steps (compiled first).
+    prompt = windows[: args.batch_size, :seq_len]
+
+    def timed(new_tokens, repeats=3):
+        """Fastest of ``repeats`` runs after compiling."""
+        jax.block_until_ready(generate(model, prompt, new_tokens))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(generate(model, prompt, new_tokens))
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    prefill = timed(1)
+    decode = timed(args.decode_tokens + 1) - prefill
+    print(f"model          {args.checkpoint} ({model_nbytes(model):,} parameter bytes)")
+    print(
+        f"perplexity     {math.exp(loss):.3f} (loss {loss:.4f} nats/token over "
+        f"{count * seq_len:,} {args.split} tokens, {count} windows of {seq_len})"
+    )
+    print(f"prefill        {prompt.size / prefill:,.1f} tokens/s (batch {len(prompt)} x {seq_len})")
+    rate = f"{len(prompt) * args.decode_tokens / decode:,.1f}" if decode > 0 else "n/a"
+    print(
+        f"decode         {rate} tokens/s (batch {len(prompt)}, {args.decode_tokens} steps after "
+        f"the prefill; {jax.devices()[0].device_kind})"
+    )
 
 
 def _bench(args, parser) -> None:
@@ -304,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
             _generate(args)
         elif args.command == "convert":
             _convert(args)
+        elif args.command == "eval":
+            _eval(args)
         elif args.command == "bench":
             _bench(args, parser)
     except USER_ERRORS as e:

@@ -1,5 +1,10 @@
 """Hugging Face checkpoints <-> :class:`Transformer`: Llama, Mistral, Qwen2.5, Qwen3, Gemma 2/3.
 
+compressed-tensors checkpoints (``pack-quantized`` int4/int8, ``sparse-bitmask``;
+see :mod:`pallax.models.compressed_tensors`) load straight into
+``QuantizedWeight`` / ``SparseWeight``, and ``to_hf(...,
+format="compressed-tensors")`` writes them.
+
 ``from_hf`` reads ``config.json`` and the safetensors file(s) (sharded
 checkpoints via ``model.safetensors.index.json``) one tensor at a time and puts
 each straight onto the mesh with its logical sharding, so the host never holds
@@ -28,6 +33,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from pallax._checks import check_finite as check_finite_values
+from pallax.models import compressed_tensors as ct
 from pallax.models.transformer import (
     RopeScaling,
     Transformer,
@@ -517,7 +523,13 @@ def _open_safetensors(file: Path):
 
 
 def from_hf(
-    path, *, mesh=None, dtype: str = "bfloat16", check_finite: bool = False, **config_overrides
+    path,
+    *,
+    mesh=None,
+    dtype: str = "bfloat16",
+    check_finite: bool = False,
+    transform=None,
+    **config_overrides,
 ) -> Transformer:
     """Loads a Llama / Mistral checkpoint directory into a :class:`Transformer`.
 
@@ -526,6 +538,10 @@ def from_hf(
     one tensor). ``config_overrides`` replace TransformerConfig fields (e.g.
     ``attention_implementation``). ``check_finite`` rejects NaN/inf weights,
     naming the tensor (one pass over each block as it is read).
+    compressed-tensors layers become ``QuantizedWeight`` / ``SparseWeight``.
+    ``transform(linear_path, kernel)``, if given, is applied to each dense
+    linear kernel ``[in, out]`` as soon as it is read (e.g. to quantize it), so
+    a conversion never holds the dense model.
     """
     path = Path(path)
     if not path.is_dir():
@@ -556,7 +572,12 @@ def from_hf(
         names = _text_model_names(names, files, text_prefixes)
         if config.tie_embeddings:
             names.pop("lm_head.weight", None)
-    _check_unexpected_tensors(names, files, path)
+    compressed = _compressed_linears(hf_config, files, names)
+    # A compressed linear's tensors (weight_packed, weight_scale, ...) are read above.
+    compressed_modules = tuple(name.removesuffix("weight") for name in compressed)
+    plain_files = {n: f for n, f in files.items() if not n.startswith(compressed_modules)}
+    _check_unexpected_tensors(names, plain_files, path)
+    names = {name: entry for name, entry in names.items() if name not in compressed}
     missing = sorted(set(names) - set(files))
     if missing:
         raise ValueError(f"checkpoint {path} lacks tensors {missing[:5]}")
@@ -591,25 +612,112 @@ def from_hf(
                 value = jax.make_array_from_callback(expected, flat_shardings[param_path], read)
             else:
                 value = jnp.asarray(read((slice(None),) * len(expected)))
+        if transform is not None and transpose and param_path[-1] == "kernel":
+            value = transform(".".join(str(p) for p in param_path[:-1]), value)
         variable.set_value(value)
+    for name, (param_path, weight, _) in compressed.items():
+        expected = flat[param_path].get_value().shape
+        if weight.shape != expected:
+            raise ValueError(
+                f"{name}: compressed weight of shape [in, out] = {list(weight.shape)} does "
+                f"not match the config ({list(expected)})"
+            )
+        flat[param_path].set_value(weight)
     nnx.update(model, nnx.from_flat_state(flat))
+    if compressed:
+        _set_act_bits(model, {p: bits for p, _, bits in compressed.values()})
+    if mesh is not None and (compressed or transform is not None):
+        from pallax.models.transformer import shard_model
+
+        shard_model(model, mesh)
     return model
 
 
-def to_hf(model: Transformer, path, *, max_shard_bytes: int | None = None) -> Path:
-    """Writes ``config.json`` + safetensors (sharded when over ``max_shard_bytes``)."""
+def _compressed_linears(hf_config: dict, files: dict, names: dict) -> dict:
+    """``{hf name: (param path, QuantizedWeight | SparseWeight, act_bits)}`` of the
+    linears a compressed-tensors checkpoint stores compressed (none otherwise)."""
+    quantization = hf_config.get("quantization_config")
+    if not quantization:
+        return {}
+    method = quantization.get("quant_method")
+    if method != ct.QUANT_METHOD:
+        raise ValueError(
+            f"quantization_config quant_method {method!r} is not supported "
+            f"(supported: {ct.QUANT_METHOD!r})"
+        )
+
+    def read(tensor_names):
+        out = {}
+        for name in tensor_names:
+            if name not in files:
+                raise ValueError(f"compressed-tensors checkpoint lacks tensor {name!r}")
+            with _open_safetensors(files[name]) as f:
+                out[name] = f.get_tensor(name)
+        return out
+
+    compressed = {}
+    for name, (param_path, transpose) in names.items():
+        if not transpose:  # embeddings and norms stay dense
+            continue
+        module = name.removesuffix(".weight")
+        weight = ct.read_linear(module, quantization, files.__contains__, read)
+        if weight is not None:
+            compressed[name] = (param_path, weight, ct.act_bits_for(quantization, module))
+    return compressed
+
+
+def _set_act_bits(model: Transformer, act_bits: dict[tuple, int | None]) -> None:
+    from pallax.models.convert import linears
+
+    by_path = dict(linears(model))
+    for param_path, bits in act_bits.items():
+        by_path[".".join(str(p) for p in param_path[:-1])].act_bits = bits
+
+
+def to_hf(
+    model: Transformer, path, *, max_shard_bytes: int | None = None, format: str = "dense"
+) -> Path:
+    """Writes ``config.json`` + safetensors (sharded when over ``max_shard_bytes``).
+
+    ``format="compressed-tensors"`` writes quantized / sparse linears as
+    compressed-tensors ``pack-quantized`` / ``sparse-bitmask`` tensors with their
+    ``quantization_config`` (what vLLM and transformers load); ``"dense"``
+    accepts dense models only.
+    """
+    if format not in ("dense", "compressed-tensors"):
+        raise ValueError(f"format must be 'dense' or 'compressed-tensors', got {format!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.config
-    (path / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
+    hf_config = config_to_hf(config)
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2))
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     tensors = {}
+    compressed = {}  # hf module name -> (weight, act_bits)
     for name, (param_path, transpose) in _hf_names(config).items():
         value = flat[param_path].get_value()
         if not isinstance(value, jax.Array):
-            raise ValueError(f"{name} is {type(value).__name__}: convert to dense before to_hf")
+            if format != "compressed-tensors":
+                raise ValueError(
+                    f"{name} is {type(value).__name__}: pass format='compressed-tensors' "
+                    "or convert to dense before to_hf"
+                )
+            module = name.removesuffix(".weight")
+            if isinstance(value, ct.SparseShards):
+                value = value.merge()
+            compressed[module] = (value, _act_bits(model, param_path))
+            if isinstance(value, ct.QuantizedWeight):
+                for key, array in ct.quantized_to_ct(value).items():
+                    tensors[f"{module}.{key}"] = np.ascontiguousarray(array)
+            else:
+                for key, array in ct.sparse_to_ct(value).items():
+                    tensors[f"{name}.{key}"] = np.ascontiguousarray(array)
+            continue
         array = np.asarray(jax.device_get(value), np.float32)
         tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+    if compressed:
+        hf_config["quantization_config"] = ct.quantization_config(compressed)
+        (path / "config.json").write_text(json.dumps(hf_config, indent=2))
     if max_shard_bytes is None:
         save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
         return path
@@ -630,3 +738,9 @@ def to_hf(model: Transformer, path, *, max_shard_bytes: int | None = None) -> Pa
         json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2)
     )
     return path
+
+
+def _act_bits(model: Transformer, param_path: tuple) -> int | None:
+    from pallax.models.convert import linears
+
+    return dict(linears(model))[".".join(str(p) for p in param_path[:-1])].act_bits
