@@ -19,9 +19,11 @@ with its own deadline, so a hang costs that step only; a killed step keeps
 the rows it had written.
 
 Steps, most decisive first, with the budget on an H100 (estimate = process
-start ~8 s + compiles x ~3 s each (Pallas lowering + ptxas, measured 0.7-2.8 s
-per kernel for the lowering alone on a 2-core CPU) + runs; the timeout is
-what a step may take at most):
+start ~8 s + compiles x ~3 s each (Pallas lowering + ptxas; the lowering alone
+took 0.5-3 s per kernel on this project's shared, loaded 2-core CPU, see
+``lower_for_cuda``) + runs; the timeout is what a step may take at most). The
+orchestrator also holds a 540 s deadline for the whole command (device tool:
+``timeout_s=600``), so a late step is shortened or skipped, never the summary:
 
     step             compiles  estimate  timeout
     env                     0      15 s     30 s   device, driver, jax, date, L2 (CUDA runtime)
@@ -46,7 +48,8 @@ with the calls inside one jitted dispatch, end-to-end (wall clock of the
 dispatch / calls) beside it; weights rotate over copies that move >= 2x the
 L2 of the device present, sized from each format's own bytes
 (``benchmarks/timing.py``). A pallax op that asked for Mosaic and traced XLA
-fails its row.
+fails its row. The sweep measures each problem's default config first and
+keeps a variant only if CUPTI timed it more than 3% faster.
 
 ``--optional`` (second command, budget 290 s): ``benchmarks.generation``
 (decode tokens/s and bandwidth of dense, W4, W8 and 50% sparse 1B models,
