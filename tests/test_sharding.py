@@ -373,3 +373,28 @@ def test_wrappers_work_on_explicit_axis_meshes():
     assert_trees_close(grads, ref_grads)
     # Explicit mode carries shardings in types: the gradients keep the params' layout.
     assert grads["w_up"].sharding.spec == ps.logical_to_spec(names["w_up"])
+
+
+def test_int4_shards_must_hold_whole_pack_blocks():
+    """int4 packs two nibbles per byte in blocks of 128 inputs: a tensor shard of
+    64 inputs would cut a block in half (the forward failed later with a reshape
+    TypeError); shard_model names the layer instead."""
+    from flax import nnx
+
+    from pallax.models import Transformer, TransformerConfig, quantize_model
+    from pallax.models.transformer import shard_model
+
+    config = TransformerConfig(
+        vocab_size=64, embed_dim=64, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=256
+    )
+    model = quantize_model(Transformer(config, rngs=nnx.Rngs(0)), 4)
+    mesh = ps.make_mesh(tensor=2, devices=jax.devices()[:2])
+    with pytest.raises(ValueError, match=r"o_proj: .*int4 shards hold multiples of 128 inputs"):
+        shard_model(model, mesh)
+    # 8-bit codes are not packed: the same split works.
+    model = quantize_model(Transformer(config, rngs=nnx.Rngs(0)), 8)
+    tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+    expected = model(tokens)
+    shard_model(model, mesh)
+    with jax.set_mesh(mesh):
+        np.testing.assert_allclose(model(tokens), expected, atol=2e-2, rtol=2e-2)

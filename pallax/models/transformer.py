@@ -35,6 +35,7 @@ from pallax.pallas_kernels import (
     linear,
     split_sparse,
 )
+from pallax.pallas_kernels.quantization import PACK_BLOCK
 from pallax.pallas_kernels.sparse import SparseShards
 
 ROPE_SCALINGS = ("linear", "llama3")
@@ -543,12 +544,21 @@ def shard_model(model: nnx.Module, mesh) -> nnx.Module:
         if isinstance(w, QuantizedWeight):
             out_axis, in_axis = (ps.TENSOR, ps.FSDP) if column else (ps.FSDP, ps.TENSOR)
             groups = w.scales.shape[1]
-            if w.values.shape[0] % mesh.shape[out_axis] or groups % mesh.shape[in_axis]:
+            shard_inputs = groups // mesh.shape[in_axis] * w.group_size
+            # int4 packs nibbles in blocks of PACK_BLOCK inputs: a shard must hold whole blocks.
+            split_block = w.bits == 4 and shard_inputs % PACK_BLOCK
+            if (
+                w.values.shape[0] % mesh.shape[out_axis]
+                or groups % mesh.shape[in_axis]
+                or split_block
+            ):
                 raise ValueError(
                     f"{'.'.join(map(str, path))}: quantized weight with {w.values.shape[0]} "
                     f"padded outputs and {groups} groups of {w.group_size} inputs cannot be "
                     f"split {mesh.shape[out_axis]} x {mesh.shape[in_axis]} over "
-                    f"({out_axis}, {in_axis}); use a smaller group_size or mesh"
+                    f"({out_axis}, {in_axis})"
+                    + (f" (int4 shards hold multiples of {PACK_BLOCK} inputs)" * bool(split_block))
+                    + "; use a smaller group_size or mesh"
                 )
             layer.kernel.set_value(place(w, w.partition_specs(out_axis, in_axis)))
         elif isinstance(w, SparseWeight | SparseShards):
