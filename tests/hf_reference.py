@@ -112,7 +112,12 @@ def main():
             prompt = torch.as_tensor(np.load(tokens_path)[:, :prompt_len], dtype=torch.long)
             model.generation_config.eos_token_id = None  # exactly NEW tokens, like ours
             with torch.no_grad():
-                out = model.generate(prompt, max_new_tokens=new, do_sample=False)
+                out = model.generate(  # explicit mask: token 0 is Gemma's pad id
+                    prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=new,
+                    do_sample=False,
+                )
             np.save(gen_path, out[:, prompt_len:].numpy())
     else:
         path, tokens_path, out_path = sys.argv[2:5]
