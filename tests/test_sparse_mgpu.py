@@ -162,6 +162,7 @@ def padded_values(w, multiple):
         (320, 64, 3, 0.9, {"pad_values": 8, "ring_values": 16384}),  # wraps
         # One decoding warpgroup (odd tile counts leave warpgroup 1 one fewer).
         (320, 64, 3, 0.9, {"compute_warpgroups": 1, "ring_values": 16384}),
+        (320, 64, 3, 0.9, {"value_chunk": 256, "ring_values": 16384}),  # 2 wgs, small chunks
         # The kernel before issue 13: 256-value chunks, one decoding warpgroup.
         (300, 130, 5, 0.3, OLD),
         (320, 64, 3, 0.9, OLD),  # the ring wraps
@@ -206,8 +207,8 @@ def test_public_op_in_interpret_mode_with_other_dtypes_and_batch_dims(x_dtype, v
 
 @pytest.mark.parametrize("config", [{}, OLD], ids=["default", "old"])
 def test_no_races_and_zero_sparsity(config):
-    """Every tile full: 4096 nonzeros, 5 chunks of 1024 (17 of 256), a tile
-    per decoding warpgroup sharing a chunk across the two."""
+    """Every tile full (4096 nonzeros: 4 chunks of 1024, 16 of 256), one tile
+    per decoding warpgroup."""
     w = SparseWeight.from_dense(rand((128, 64)).astype(jnp.bfloat16))
     x = jnp.asarray(rand((4, 128), seed=1), jnp.bfloat16)
     with testing.gpu_interpret(detect_races=True):
