@@ -14,6 +14,10 @@ from pallax.pallas_kernels import SparseWeight, sparse_matmul, sparsify, split_s
 from pallax.pallas_kernels import sparse_matmul_mgpu as sm
 from pallax.pallas_kernels.sparse import _tile_major
 
+RING = 16384  # a values ring size (a power of two) for the decode tests
+# The kernel before issue 13, kept as a config for A/B runs on the GPU.
+OLD = {"compute_warpgroups": 1, "value_chunk": 256, "ring_values": 8192}
+
 
 def rand(shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
@@ -32,7 +36,7 @@ def imbalanced_weight(k, n, density, seed=0, dtype=jnp.bfloat16):
 
 
 @pytest.mark.parametrize("strategy", sm.DECODES)
-@pytest.mark.parametrize("shift", [0, 1000, sm.RING - 700])  # the last wraps the ring
+@pytest.mark.parametrize("shift", [0, 1000, RING - 700])  # the last wraps the ring
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
 def test_decode_tile_matches_dense(shift, density, strategy):
     """The thread-level decode (jnp backend), fed a ring as the kernel sees it."""
@@ -41,8 +45,8 @@ def test_decode_tile_matches_dense(shift, density, strategy):
     for n_tile, k_tile in [(0, 0), (1, 1), (1, 2), (0, 2)]:
         start = int(w.tile_offsets[n_tile, k_tile, 0])
         values = np.asarray(w.values[start : start + 4096])
-        ring = np.zeros(sm.RING, values.dtype)
-        ring[(np.arange(values.shape[0]) + start + shift) % sm.RING] = values
+        ring = np.zeros(RING, values.dtype)
+        ring[(np.arange(values.shape[0]) + start + shift) % RING] = values
         tile = sm.decode_tile_reference(
             w.bitmap[n_tile, k_tile],
             jnp.asarray(ring),
@@ -75,8 +79,26 @@ def test_swizzled_offsets_are_a_permutation_of_16_byte_chunks():
 def test_configs_that_overflow_shared_memory_are_rejected_up_front():
     w = imbalanced_weight(256, 128, 0.3, dtype=jnp.float32)
     x = jnp.zeros((256, 256), jnp.bfloat16)
-    with pytest.raises(ValueError, match=r"block_m=256, max_concurrent_steps=4.*float32"):
+    with pytest.raises(
+        ValueError, match=r"block_m=256, max_concurrent_steps=4, ring_values=16384.*float32"
+    ):
         sm.matmul(x, w, config=sm.SpmmConfig(block_m=256))
+
+
+def test_bad_ring_configs_are_rejected():
+    # 64 KiB of values by default: 32768 bf16 or 16384 fp32 values.
+    assert sm.SpmmConfig().ring_values_for(2) == 32768
+    assert sm.SpmmConfig().ring_values_for(4) == 16384
+    with pytest.raises(ValueError, match="compute_warpgroups=3"):
+        sm.SpmmConfig(compute_warpgroups=3)
+    with pytest.raises(ValueError, match="value_chunk=512"):
+        sm.SpmmConfig(value_chunk=512)
+    with pytest.raises(ValueError, match="ring_values=12288 must be a power of two"):
+        sm.SpmmConfig(ring_values=12288)
+    # Two warpgroups may each hold a full tile's 17 chunks of 256.
+    with pytest.raises(ValueError, match="holds 32 chunks of 256; compute_warpgroups=2 need 34"):
+        sm.SpmmConfig(value_chunk=256, ring_values=8192)
+    sm.SpmmConfig(value_chunk=256, ring_values=8192, compute_warpgroups=1)
 
 
 @pytest.mark.parametrize(
@@ -89,9 +111,11 @@ def test_decode_strategy_follows_density(density, expected):
         sm.SpmmConfig(decode="scatter")
 
 
-def test_chunk_ranges_cover_each_tile_once():
-    """Both warpgroups walk the values ring with _chunk_range: every tile's
-    nonzeros lie in chunks that were fetched, each chunk fetched once."""
+@pytest.mark.parametrize("chunk", sm.VALUE_CHUNKS)
+def test_chunk_ranges_cover_each_tile_once(chunk):
+    """The memory warpgroup walks the values ring with _chunk_range: every
+    tile's nonzeros lie in chunks that were fetched, each chunk fetched once,
+    in order from the CTA's first chunk (the compute warpgroups count on it)."""
     rng = np.random.default_rng(0)
     counts = rng.integers(0, 4097, size=40)
     counts[[3, 4, 10]] = 0  # empty tiles
@@ -99,17 +123,26 @@ def test_chunk_ranges_cover_each_tile_once():
     starts = ends - counts
     g_hi, fetched = 0, []
     for start, end in zip(starts, ends, strict=True):
-        n_new, g_hi = (int(v) for v in sm._chunk_range(start, end, g_hi))
+        n_new, g_hi = (int(v) for v in sm._chunk_range(start, end, g_hi, chunk))
         fetched += range(g_hi - n_new, g_hi)
+        a, b = (int(v) for v in sm._tile_chunks(start, end, chunk))
         if end > start:
-            assert set(range(start // sm.CHUNK, -(-end // sm.CHUNK))) <= set(fetched)
-        assert n_new <= 17
-    assert fetched == sorted(set(fetched))
+            assert set(range(start // chunk, -(-end // chunk))) == set(range(a, b))
+            assert set(range(a, b)) <= set(fetched)
+        assert n_new <= 4096 // chunk + 1
+    assert fetched == list(range(fetched[0], fetched[0] + len(fetched)))
 
 
 def interpret_matmul(x, w, **config):
     with testing.gpu_interpret():
         return np.asarray(sm.matmul(x, w, config=sm.SpmmConfig(**config)))
+
+
+def padded_values(w, multiple):
+    """Zeros after the last nonzero up to a multiple of ``multiple`` values (as
+    tensor-parallel shards carry): 8 bf16 makes the chunk copies one bulk copy."""
+    pad = -w.values.shape[0] % multiple or multiple
+    return dataclasses.replace(w, values=jnp.pad(w.values, (0, pad)))
 
 
 @pytest.mark.parametrize(
@@ -123,10 +156,25 @@ def interpret_matmul(x, w, **config):
         (300, 130, 5, 0.1, {}),
         (320, 64, 3, 0.9, {"decode": "bits"}),
         (192, 128, 24, 0.05, {"decode": "dense", "block_m": 8}),
+        # Values padded to 16 bytes: 2 KB chunks as one bulk copy each (the
+        # others: four 256-value boxes per chunk barrier).
+        (300, 130, 5, 0.3, {"pad_values": 8}),
+        (320, 64, 3, 0.9, {"pad_values": 8, "ring_values": 16384}),  # wraps
+        # One decoding warpgroup (odd tile counts leave warpgroup 1 one fewer).
+        (320, 64, 3, 0.9, {"compute_warpgroups": 1, "ring_values": 16384}),
+        (320, 64, 3, 0.9, {"value_chunk": 256, "ring_values": 16384}),  # 2 wgs, small chunks
+        # The kernel before issue 13: 256-value chunks, one decoding warpgroup.
+        (300, 130, 5, 0.3, OLD),
+        (320, 64, 3, 0.9, OLD),  # the ring wraps
     ],
 )
 def test_kernel_matches_scipy_in_interpret_mode(k, n, m, density, config):
+    config = dict(config)
+    pad = config.pop("pad_values", None)
     w = imbalanced_weight(k, n, density)
+    if pad:
+        w = padded_values(w, pad)
+        assert w.values.shape[0] * 2 % 16 == 0
     x = rand((m, k), seed=5)
     kp = w.bitmap.shape[1] * 64
     x_pad = jnp.pad(jnp.asarray(x, jnp.bfloat16), ((0, 0), (0, kp - k)))
@@ -157,11 +205,14 @@ def test_public_op_in_interpret_mode_with_other_dtypes_and_batch_dims(x_dtype, v
     )
 
 
-def test_no_races_and_zero_sparsity():
-    w = SparseWeight.from_dense(rand((128, 64)).astype(jnp.bfloat16))  # every tile full
+@pytest.mark.parametrize("config", [{}, OLD], ids=["default", "old"])
+def test_no_races_and_zero_sparsity(config):
+    """Every tile full (4096 nonzeros: 4 chunks of 1024, 16 of 256), one tile
+    per decoding warpgroup."""
+    w = SparseWeight.from_dense(rand((128, 64)).astype(jnp.bfloat16))
     x = jnp.asarray(rand((4, 128), seed=1), jnp.bfloat16)
     with testing.gpu_interpret(detect_races=True):
-        got = np.asarray(sm.matmul(x, w))
+        got = np.asarray(sm.matmul(x, w, config=sm.SpmmConfig(**config)))
     assert not testing.races_detected()
     expected = np.asarray(x, np.float32) @ np.asarray(w.todense(), np.float32)
     np.testing.assert_allclose(got[:, :64], expected, rtol=1e-5, atol=1e-4)
@@ -225,6 +276,30 @@ def test_kernel_lowers_for_cuda(m, k, n, values_dtype, density):
     assert "mosaic_gpu" in exported.mlir_module()
 
 
+@pytest.mark.parametrize("k, n", [(4096, 4096), (4096, 14336), (14336, 4096)])
+@pytest.mark.parametrize("density", [0.3, 0.1])
+@pytest.mark.parametrize(
+    "structure, m",
+    [("bulk", 1), ("bulk", 16), ("bulk", 64), ("bulk", 256), ("old", 1), ("old", 256)],
+)
+def test_both_structures_lower_at_llama_shapes(m, k, n, density, structure):
+    """The test above lowers the default with 4-box chunks (its nnz are not a
+    multiple of 8); here the default with one bulk copy per 2 KB chunk, and the
+    kernel before issue 13 (the A/B config), at the dispatch's Llama shapes."""
+    nnz = int(density * k * n) // 8 * 8  # 16-byte multiple: bulk copies
+    config = sm.SpmmConfig(**OLD) if structure == "old" else None
+    w = SparseWeight(
+        values=jax.ShapeDtypeStruct((nnz,), jnp.bfloat16),
+        bitmap=jax.ShapeDtypeStruct((n // 64, k // 64, 128), jnp.uint32),
+        tile_offsets=jax.ShapeDtypeStruct((n // 64, k // 64, 4), jnp.int32),
+        in_features=k,
+        out_features=n,
+    )
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    run = functools.partial(sparse_matmul, implementation="mosaic", config=config)
+    assert "mosaic_gpu" in testing.lower_for_cuda(run, x, w).mlir_module()
+
+
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("values_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @pytest.mark.parametrize("density", [0.3, 0.1])
@@ -270,7 +345,7 @@ def test_gpu_self_check_rejects_a_wrong_decode(monkeypatch):
 
 def unequal_tensor_shards():
     """Two column shards, one dense and one 95% sparse: the sparse shard's
-    values carry ~15k zeros of padding (60 ring chunks) past its last tile."""
+    values carry ~15k zeros of padding (15 ring chunks of 1024) past its last tile."""
     rng = np.random.default_rng(7)
     dense = rand((128, 256), seed=7)
     dense[:, 128:] *= rng.random((128, 128)) < 0.05
@@ -283,7 +358,7 @@ def test_offsets_table_ends_at_the_last_nonzero_not_the_padding():
     table = np.asarray(sm.offsets_table(sparse_shard))
     assert table.shape == (sparse_shard.bitmap.shape[0] * sparse_shard.bitmap.shape[1] + 1, 4)
     true_nnz = int(np.count_nonzero(dense[:, 128:].astype(jnp.bfloat16)))
-    assert sparse_shard.values.shape[0] - true_nnz > 60 * sm.CHUNK
+    assert sparse_shard.values.shape[0] - true_nnz > 15 * 1024  # 15 chunks of 1024
     assert (table[-1] == true_nnz).all()
 
 
@@ -329,3 +404,20 @@ def test_tensor_parallel_sparse_layers_with_the_kernel_lower_for_cuda(split):
     values = abstract_shards.stacked.values
     exported = testing.lower_for_cuda(grad, x, values, abstract_shards, mesh=mesh)
     assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_decode_instruction_counts_quoted_in_results():
+    """The per-thread counts benchmarks/RESULTS.md (spmm) derives its
+    predictions from, counted by running decode_thread on a counting backend."""
+    dense = sm.decode_op_counts("dense")
+    assert dense == {"alu": 308, "xu": 32, "shfl": 5, "lds": 33, "sts": 4}
+    one, two = sm.decode_op_counts("bits", 1), sm.decode_op_counts("bits", 2)
+    assert one == {"alu": 156, "xu": 18, "shfl": 5, "lds": 9, "sts": 12}
+    # Each group of set bits: 8 loads, 8 predicated stores, 16 XU (ctz) ops.
+    assert {k: two[k] - one[k] for k in one} == {
+        "alu": 100,
+        "xu": 16,
+        "shfl": 0,
+        "lds": 8,
+        "sts": 8,
+    }

@@ -7,19 +7,33 @@ wgmma A operand and the tokens are its N side (8..256), so a decode-sized M is
 not padded to 64.
 
 Each CTA owns one 64-row weight tile row, a block of tokens and a range of K
-tiles (split-K). Two warpgroups:
+tiles (split-K). ``SpmmConfig.compute_warpgroups`` (default 2) decoding
+warpgroups take alternate tiles, and one memory warpgroup feeds them:
 
-* memory (wg 1), one step per 64x64 weight tile: TMA copies of the x tile and
-  the tile's 512-byte bitmap into a ring of slots, and of the tile's nonzeros
-  into a values ring of ``RING_CHUNKS`` chunks of ``CHUNK`` values. A CTA's
-  nonzeros are contiguous in memory; a tile's span a data-dependent number of
-  chunks, and both warpgroups derive the same chunk sequence from
-  ``tile_offsets`` (see :func:`_chunk_range`);
-* compute (wg 0) decodes each tile into a dense bf16/fp16 tile in shared
-  memory (one thread per 32-bit bitmap word: popcount, a warp prefix sum by
-  shuffles, then one shared-memory load per nonzero) and runs wgmma on it.
-  Two decodes: "dense" handles all 32 bits branch free; "bits" (weights with
-  <= 25% nonzeros) zeroes the row and loops over the set bits only.
+* memory (the last wg), one step per 64x64 weight tile: TMA copies of the x
+  tile and the tile's 512-byte bitmap into a ring of slots, and of the tile's
+  nonzeros into a values ring (64 KiB) of chunks of ``value_chunk`` values:
+  1024 (2 KB of bf16) by default, one ``cp.async.bulk`` and one mbarrier each
+  (four 256-value TMA boxes on the same mbarrier when the values' byte length
+  is not a multiple of 16). A CTA's nonzeros are contiguous in memory, so
+  the fetched chunks are consecutive; a tile's span a data-dependent number of
+  them (see :func:`_chunk_range`). Every decoding warpgroup waits for every
+  chunk in order and releases each once, after the last of its own tiles that
+  needs it;
+* compute (wg 0 .. compute_warpgroups - 1) decodes each of its tiles into its
+  own dense bf16/fp16 tile in shared memory (one thread per 32-bit bitmap
+  word: popcount, a warp prefix sum by shuffles, then one shared-memory load
+  per nonzero) and runs wgmma on it; at the end warpgroup 1 hands its fp32
+  sum to warpgroup 0 through shared memory. Two decodes: "dense" handles all
+  32 bits branch free; "bits" (weights with <= 25% nonzeros) zeroes the row
+  and loops over the set bits only.
+
+``SpmmConfig(compute_warpgroups=1, value_chunk=256, ring_values=8192)`` is the
+kernel before issue 13 (one decoding warpgroup, 512-byte copies, 16 KB ring),
+kept for A/B runs on the GPU. Budgets: 232 registers per compute thread, 40
+for the memory warpgroup (one 384-thread CTA per SM); shared memory at bf16
+values and block_m = 8: 64 KiB ring + 2 x 8 KiB staging + 4 slots x (1 KiB x +
+512 B bitmap) + offsets (<= 4 KiB) + 2 KiB output, ~92 KiB.
 
 The decode is per-thread code, which Pallas' Mosaic GPU dialect cannot
 express in jax 0.11 (no gather, popcount, shuffles), so it is written once in
@@ -49,9 +63,16 @@ from pallax.pallas_kernels._mgpu import cdiv, mma
 
 TILE = 64  # == sparse.TILE_ROWS == sparse.TILE_K
 WORDS = 128  # bitmap words per tile: one per compute thread
-CHUNK = 256  # values per TMA copy (the TMA box limit)
-RING_CHUNKS = 32  # a tile's <= 4096 nonzeros span <= 17 chunks
-RING = CHUNK * RING_CHUNKS  # values ring size, a power of two (index wrap by mask)
+# Values per copy: a contiguous 1D copy is one ``cp.async.bulk`` with no box
+# limit, so 1024 (2 KB of bf16, one mbarrier) is the default; 256 is the
+# kernel before issue 13 (512 B per copy and per mbarrier), kept for A/B runs.
+VALUE_CHUNKS = (256, 1024)
+TMA_BOX = 256  # elements per dimension of a tiled TMA copy
+# Values ring: a power of two of values (index wrap by mask), 64 KiB by
+# default. Two decoding warpgroups hold at most 2 x 5 chunks of 2 KB (full
+# tiles) while the rest, >= 44 KiB, is in flight (one CTA per SM: the two
+# compute warpgroups take 232 registers each).
+RING_BYTES = 64 * 1024
 WARP = 32
 SMEM_BYTES = 227 * 1024  # per block on sm_90
 # Decode strategies. "dense" visits all 32 bits of a thread's word (~9
@@ -76,16 +97,45 @@ class SpmmConfig:
     k_splits: int | None = None  # None: aim for ``target_ctas`` CTAs.
     target_ctas: int = 264
     decode: str | None = None  # "dense", "bits", or None: by the weight's density.
+    # Warpgroups that decode, on alternate tiles (1: the kernel before issue 13).
+    compute_warpgroups: int = 2
+    value_chunk: int = 1024  # values per copy and per mbarrier (256: before issue 13)
+    # Values ring size; None: RING_BYTES of the values' dtype (8192: before issue 13).
+    ring_values: int | None = None
 
     def __post_init__(self):
         if self.decode not in (None, *DECODES):
             raise ValueError(f"decode={self.decode!r} must be one of {DECODES} or None")
+        if self.compute_warpgroups not in (1, 2):
+            raise ValueError(f"compute_warpgroups={self.compute_warpgroups} must be 1 or 2")
+        if self.value_chunk not in VALUE_CHUNKS:
+            raise ValueError(f"value_chunk={self.value_chunk} must be one of {VALUE_CHUNKS}")
         if self.block_m is not None and (self.block_m % 8 or not 8 <= self.block_m <= 256):
             raise ValueError(f"block_m={self.block_m} must be a multiple of 8 in [8, 256]")
         if self.max_concurrent_steps < 2:
             raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 2")
         if self.k_splits is not None and self.k_splits < 1:
             raise ValueError(f"k_splits={self.k_splits} must be >= 1")
+        if self.ring_values is not None:
+            self.ring_values_for(2)  # validates
+
+    def ring_values_for(self, itemsize: int) -> int:
+        """Ring size in values for values of ``itemsize`` bytes (checked)."""
+        r = self.ring_values or RING_BYTES // itemsize
+        if r & (r - 1) or r % self.value_chunk:
+            raise ValueError(
+                f"ring_values={r} must be a power of two and a multiple of "
+                f"value_chunk={self.value_chunk}"
+            )
+        # Every decoding warpgroup may hold the chunks of one full tile (4096
+        # nonzeros, unaligned: one chunk more) while the memory one refills.
+        if r // self.value_chunk < self.compute_warpgroups * (TILE * TILE // self.value_chunk + 1):
+            raise ValueError(
+                f"ring_values={r} holds {r // self.value_chunk} chunks of {self.value_chunk}; "
+                f"compute_warpgroups={self.compute_warpgroups} need "
+                f"{self.compute_warpgroups * (TILE * TILE // self.value_chunk + 1)}"
+            )
+        return r
 
     def decode_for(self, density: float) -> str:
         return self.decode or ("bits" if density <= BITS_DECODE_MAX_DENSITY else "dense")
@@ -131,7 +181,7 @@ def decode_thread(ops, lane, word, warp_start, strategy: str = "dense"):
         out = []
         for i in range(WARP):
             rank = ops.popc(word & ((1 << i) - 1)) if i else 0
-            value = ops.load_ring((first + rank) & (RING - 1))
+            value = ops.load_ring((first + rank) & ops.ring_mask)
             out.append(ops.select(((word >> i) & 1) != 0, value, ops.zero))
         ops.store_row(out)
         return
@@ -140,7 +190,7 @@ def decode_thread(ops, lane, word, warp_start, strategy: str = "dense"):
 
     def set_bits(group, bits):  # nonzeros 8 g .. 8 g + 7 of the thread
         base = first + group * BITS_UNROLL
-        values = [ops.load_ring((base + j) & (RING - 1)) for j in range(BITS_UNROLL)]
+        values = [ops.load_ring((base + j) & ops.ring_mask) for j in range(BITS_UNROLL)]
         for value in values:  # each goes to the lowest bit still set
             ops.store_at(ops.ctz(bits), value, bits != 0)
             bits = bits & (bits - 1)
@@ -155,6 +205,7 @@ class _JnpOps:
 
     def __init__(self, ring, dtype):
         self.ring = ring
+        self.ring_mask = ring.shape[0] - 1  # a power of two
         self.zero = jnp.zeros((), dtype)
         self.dtype = dtype
         self.out = jnp.zeros((WORDS, WARP), dtype)  # thread t's 32 weights
@@ -200,6 +251,89 @@ class _JnpOps:
             carry = body(k, carry)
         self.active = True
         return carry
+
+
+class _Counted:
+    """A register of the counting backend: every operator is one instruction."""
+
+    def __init__(self, counts):
+        self.counts = counts
+
+    def _op(self, _other=None, pipe="alu"):
+        self.counts[pipe] += 1
+        return _Counted(self.counts)
+
+    __add__ = __radd__ = __sub__ = __and__ = __xor__ = __mul__ = _op
+    __rshift__ = __lshift__ = __ge__ = __ne__ = _op
+
+
+class _CountingOps:
+    """A third backend of :func:`decode_thread`: counts one thread's instructions
+    by pipe instead of computing. One per MLIR op we emit (ptxas may fuse some:
+    a shift and a mask into one LOP3); ``set_bit_groups`` stands for the
+    data-dependent trip count of the "bits" loop."""
+
+    # Per 16-byte store of 8 values: 4 byte-permutes to pack them, 2 to form
+    # the swizzled address (the row part is shared by the thread's stores).
+    PACK_AND_ADDRESS = 6
+    ADDRESS_OF_COLUMN = 6  # swizzled_offset with a run-time column
+    ring_mask = 0
+
+    def __init__(self, set_bit_groups: int):
+        self.counts = {"alu": 0, "xu": 0, "shfl": 0, "lds": 0, "sts": 0}
+        self.groups = set_bit_groups
+        self.zero = None
+
+    def reg(self):
+        return _Counted(self.counts)
+
+    def popc(self, x):
+        self.counts["xu"] += 1
+        return self.reg()
+
+    def ctz(self, x):  # bit reverse + find leading one
+        self.counts["xu"] += 2
+        return self.reg()
+
+    def shfl_up(self, x, delta):
+        self.counts["shfl"] += 1
+        return self.reg()
+
+    def select(self, cond, a, b):
+        self.counts["alu"] += 1
+        return self.reg()
+
+    def load_ring(self, index):
+        self.counts["alu"] += 1  # byte address from the ring index
+        self.counts["lds"] += 1
+        return self.reg()
+
+    def store_row(self, values):
+        self.counts["alu"] += 4 * self.PACK_AND_ADDRESS
+        self.counts["sts"] += 4
+
+    def store_at(self, pos, value, predicate):
+        self.counts["alu"] += self.ADDRESS_OF_COLUMN
+        self.counts["sts"] += 1
+
+    def loop(self, count, body, carry):
+        for _ in range(self.groups):
+            self.counts["alu"] += 2  # counter and exit test
+            carry = body(self.reg(), carry)
+        return carry
+
+
+def decode_op_counts(strategy: str, set_bit_groups: int = 1) -> dict[str, int]:
+    """Instructions one thread issues to decode its 32 weights of a tile, by
+    pipe, counted from :func:`decode_thread` itself (plus the MLIR backend's
+    prologue: thread indices, the word load, the warp's start). A tile is 4
+    warps; see the spmm section of ``benchmarks/RESULTS.md`` for the
+    resulting time per tile."""
+    ops = _CountingOps(set_bit_groups)
+    ops.counts["alu"] += 5 + 1 + 6  # row/col/lane/warp, word address, start select chain
+    ops.counts["lds"] += 1  # the bitmap word
+    decode_thread(ops, ops.reg(), ops.reg(), ops.reg(), strategy)
+    return dict(ops.counts)
 
 
 def decode_tile_reference(words, ring, warp_starts, dtype, strategy: str = "dense"):
@@ -290,6 +424,7 @@ def _mlir_decode(ctx, words_ref, ring_ref, staging_ref, warp_starts, *, strategy
 
     class Ops:
         zero = arith.constant(out_type, 0.0)
+        ring_mask = int(ir.MemRefType(ring_ref.type).shape[0]) - 1
 
         @staticmethod
         def popc(x):
@@ -355,19 +490,23 @@ def _mlir_decode(ctx, words_ref, ring_ref, staging_ref, warp_starts, *, strategy
 # The kernel.
 
 
-def _chunk_range(start, end, g_hi):
+def _chunk_range(start, end, g_hi, chunk: int = 1024):
     """Chunks of the values ring for a tile whose nonzeros are ``[start, end)``.
 
-    ``g_hi``: one past the last chunk (in units of ``CHUNK`` values of the
+    ``g_hi``: one past the last chunk (in units of ``chunk`` values of the
     weight) fetched so far. Returns ``(n_new, g_hi')``: how many chunks to
     fetch and the new ``g_hi``. A tile's first chunk may be the previous
     tile's last one, which is then still in the ring.
     """
-    nonempty = end > start
-    a = lax.div(start, CHUNK)
-    b = jnp.where(nonempty, cdiv(end, CHUNK), a)
-    n_new = jnp.where(nonempty, b - jnp.maximum(a, g_hi), 0)
-    return n_new, jnp.where(nonempty, b, g_hi)
+    a, b = _tile_chunks(start, end, chunk)
+    n_new = jnp.where(end > start, b - jnp.maximum(a, g_hi), 0)
+    return n_new, jnp.where(end > start, b, g_hi)
+
+
+def _tile_chunks(start, end, chunk: int):
+    """``[a, b)``: the weight chunks holding nonzeros ``[start, end)`` (empty: ``b == a``)."""
+    a = lax.div(start, jnp.asarray(chunk, jnp.int32))
+    return a, jnp.where(end > start, cdiv(end, chunk), a)
 
 
 def _kernel(
@@ -383,6 +522,7 @@ def _kernel(
     table_smem,
     o_smem,
     table_barrier,
+    reduce_barrier,
     step_loaded,
     step_consumed,
     chunk_loaded,
@@ -394,6 +534,9 @@ def _kernel(
     num_slots: int,
     interpret: bool,
     decode_strategy: str,
+    compute_wgs: int,
+    chunk: int,
+    bulk_values: bool,
 ):
     n_tile = lax.axis_index("n_tiles")
     split = lax.axis_index("k_splits")
@@ -402,6 +545,7 @@ def _kernel(
     lo = split * tiles_per_split
     hi = jnp.minimum(lo + tiles_per_split, k_tiles)
     first_tile = n_tile * k_tiles + lo  # global index of step ``lo``'s tile
+    ring_chunks = ring_smem.shape[0]
 
     def start_of(step):
         return table_smem[step - lo, 0]
@@ -409,10 +553,10 @@ def _kernel(
     def end_of(step):  # The next tile's start (past the last tile: its end).
         return table_smem[step - lo + 1, 0]
 
-    @pl.when(wg == 1)
+    @pl.when(wg == compute_wgs)
     def _memory():
-        # One loop feeds both rings, tile by tile (a third warpgroup for the
-        # values would starve GPU interpret mode's thread pool on 2-core CPUs).
+        # One loop feeds both rings, tile by tile (a separate warpgroup for the
+        # values would need a fourth CPU thread in GPU interpret mode).
         plgpu.set_max_registers(_mgpu.MEMORY_WG_REGISTERS, action="decrease")
         plgpu.copy_gmem_to_smem(
             offsets_ref.at[pl.ds(first_tile, tiles_per_split + 1)], table_smem, table_barrier.at[0]
@@ -435,21 +579,31 @@ def _kernel(
             plgpu.copy_gmem_to_smem(
                 bitmap_ref.at[n_tile, step], words_smem.at[slot], step_loaded[1].at[slot]
             )
-            n_new, g_hi_new = _chunk_range(start_of(step), end_of(step), g_hi)
+            n_new, g_hi_new = _chunk_range(start_of(step), end_of(step), g_hi, chunk)
             first = g_hi_new - n_new
 
             def issue(i, q):
-                chunk_slot = lax.rem(q, RING_CHUNKS)
+                chunk_slot = lax.rem(q, ring_chunks)
 
-                @pl.when(q >= RING_CHUNKS)
+                @pl.when(q >= ring_chunks)
                 def _():
                     plgpu.barrier_wait(chunk_consumed.at[chunk_slot])
 
-                plgpu.copy_gmem_to_smem(
-                    values_ref.at[pl.ds((first + i) * CHUNK, CHUNK)],
-                    ring_smem.at[chunk_slot],
-                    chunk_loaded.at[chunk_slot],
-                )
+                base = (first + i) * chunk
+                if bulk_values:  # one cp.async.bulk, clamped at the array's end
+                    plgpu.copy_gmem_to_smem(
+                        values_ref.at[pl.ds(base, chunk)],
+                        ring_smem.at[chunk_slot],
+                        chunk_loaded.at[chunk_slot],
+                        oob_mode=plgpu.OOBFillMode.UNDEFINED,
+                    )
+                else:  # 256-value boxes (zero-filled past the end), one arrival each
+                    for j in range(chunk // TMA_BOX):
+                        plgpu.copy_gmem_to_smem(
+                            values_ref.at[pl.ds(base + j * TMA_BOX, TMA_BOX)],
+                            ring_smem.at[chunk_slot, pl.ds(j * TMA_BOX, TMA_BOX)],
+                            chunk_loaded.at[chunk_slot],
+                        )
                 return q + 1
 
             return g_hi_new, lax.fori_loop(0, n_new, issue, q)
@@ -464,81 +618,123 @@ def _kernel(
             plgpu.barrier_wait(step_consumed[0].at[slot])
             plgpu.barrier_wait(step_consumed[1].at[slot])
 
-        @pl.loop(jnp.maximum(issued - RING_CHUNKS, 0), issued)
+        @pl.loop(jnp.maximum(issued - ring_chunks, 0), issued)
         def _drain_chunks(q):
-            plgpu.barrier_wait(chunk_consumed.at[lax.rem(q, RING_CHUNKS)])
+            plgpu.barrier_wait(chunk_consumed.at[lax.rem(q, ring_chunks)])
 
-    @pl.when(wg == 0)
+    @pl.when(wg < compute_wgs)
     def _compute():
+        # Warpgroup w decodes tiles lo + w, lo + w + compute_wgs, ... Fetched
+        # chunks are consecutive weight chunks from g0 on (a CTA's nonzeros are
+        # contiguous), so chunk g is the (g - g0)-th fetched. Every decoding
+        # warpgroup waits for every chunk in order and releases each once
+        # (chunk_consumed counts one arrival per warpgroup), only after it has
+        # seen the chunk arrive: a release must not run ahead of the phase it
+        # belongs to.
         plgpu.set_max_registers(_mgpu.COMPUTE_WG_REGISTERS, action="increase")
         plgpu.barrier_wait(table_barrier.at[0])
+        staging = staging_smem.at[wg]
+        g0 = lax.div(start_of(lo), jnp.int32(chunk))
+        cta_end = end_of(hi - 1)
+        total = jnp.where(cta_end > start_of(lo), cdiv(cta_end, chunk) - g0, 0)
+
+        def wait_loaded(q_from, q_to):
+            @pl.loop(q_from, q_to)
+            def _(q):
+                plgpu.barrier_wait(chunk_loaded.at[lax.rem(q, ring_chunks)])
+
+            return jnp.maximum(q_from, q_to)
+
+        def release(q_from, q_to):
+            @pl.loop(q_from, q_to)
+            def _(q):
+                plgpu.barrier_arrive(chunk_consumed.at[lax.rem(q, ring_chunks)])
+
+            return jnp.maximum(q_from, q_to)
 
         def decode(slot, warp_starts):
             if interpret:
-                ring = ring_smem[...].reshape(-1)
                 tile = decode_tile_reference(
                     words_smem[slot],
-                    ring,
+                    ring_smem[...].reshape(-1),
                     jnp.stack(warp_starts),
-                    staging_smem.dtype,
+                    staging.dtype,
                     decode_strategy,
                 )
-                staging_smem[...] = tile
+                staging[...] = tile
                 return
             splat = plgpu.Layout.WG_SPLAT(())
             plgpu.inline_mgpu(
                 arg_types=(
                     plgpu.RefType(),
                     plgpu.RefType(),
-                    plgpu.RefType(transforms=_mgpu.smem_transforms(staging_smem.dtype, TILE)),
+                    plgpu.RefType(transforms=_mgpu.smem_transforms(staging.dtype, TILE)),
                     (splat,) * 4,
                 ),
             )(functools.partial(_mlir_decode, strategy=decode_strategy))(
-                words_smem.at[slot], ring_smem, staging_smem, tuple(warp_starts)
+                words_smem.at[slot], ring_smem, staging, tuple(warp_starts)
             )
 
-        def step(s, carry):
-            acc, g_hi, q_hi, q_rel = carry
+        def step(i, carry):
+            acc, q_loaded, q_released = carry
+            s = lo + wg + i * compute_wgs
             slot = _mgpu.slot_of(s, lo, num_slots)
             plgpu.barrier_wait(step_loaded[0].at[slot])
             plgpu.barrier_wait(step_loaded[1].at[slot])
-            n_new, g_hi = _chunk_range(start_of(s), end_of(s), g_hi)
-
-            @pl.loop(q_hi, q_hi + n_new)
-            def _wait(q):
-                plgpu.barrier_wait(chunk_loaded.at[lax.rem(q, RING_CHUNKS)])
-
-            q_hi = q_hi + n_new
-            # Ring index of the value at weight position p: p + shift (mod RING).
-            shift = CHUNK * (q_hi - g_hi)
+            a, b = _tile_chunks(start_of(s), end_of(s), chunk)
+            # Chunks before this tile's first belong to tiles already fetched:
+            # see them arrive and release them before waiting for this tile's.
+            q_loaded = wait_loaded(q_loaded, a - g0)
+            q_released = release(q_released, a - g0)
+            q_loaded = wait_loaded(q_loaded, b - g0)
+            # Ring index of the value at weight position p: p - g0 chunk (mod ring).
+            shift = -g0 * chunk
             decode(slot, [table_smem[s - lo, w] + shift for w in range(4)])
             plgpu.commit_smem()  # The decoded tile must be visible to wgmma.
-            block = mma(staging_smem, x_smem.at[slot].T, (TILE, block_m))
+            block = mma(staging, x_smem.at[slot].T, (TILE, block_m))
             plgpu.barrier_arrive(step_consumed[0].at[slot])
             plgpu.barrier_arrive(step_consumed[1].at[slot])
-            # Release the chunks that the next tile does not start in.
-            held = q_hi - q_rel
+            # Release what this warpgroup's next tile does not start in.
+            mine_next = s + compute_wgs
             a_next = jnp.where(
-                s + 1 < hi,
-                lax.div(start_of(jnp.minimum(s + 1, hi - 1)), CHUNK),
-                jnp.iinfo(jnp.int32).max,
+                mine_next < hi,
+                lax.div(start_of(jnp.minimum(mine_next, hi - 1)), jnp.int32(chunk)) - g0,
+                total,
             )
-            n_release = jnp.clip(a_next - (g_hi - held), 0, held)
-
-            @pl.loop(q_rel, q_rel + n_release)
-            def _release(q):
-                plgpu.barrier_arrive(chunk_consumed.at[lax.rem(q, RING_CHUNKS)])
-
-            return acc + block, g_hi, q_hi, q_rel + n_release
+            q_released = release(q_released, jnp.minimum(a_next, q_loaded))
+            return acc + block, q_loaded, q_released
 
         zero = jnp.int32(0)
-        acc, *_ = lax.fori_loop(lo, hi, step, (_mgpu.zeros((TILE, block_m)), zero, zero, zero))
-        o_smem[...] = acc
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(
-            o_smem, o_ref.at[split, pl.ds(n_tile * TILE, TILE), pl.ds(m_tile * block_m, block_m)]
+        mine = jnp.maximum(cdiv(jnp.maximum(hi - lo - wg, 0), compute_wgs), 0)
+        acc, q_loaded, q_released = lax.fori_loop(
+            0, mine, step, (_mgpu.zeros((TILE, block_m)), zero, zero)
         )
-        plgpu.wait_smem_to_gmem(0)
+        # Chunks of the other warpgroup's last tiles.
+        wait_loaded(q_loaded, total)
+        release(q_released, total)
+
+        if compute_wgs == 1:
+            o_smem[...] = acc
+        else:  # Warpgroup 1 hands its sum to 0 through shared memory.
+
+            @pl.when(wg == 1)
+            def _():
+                o_smem[...] = acc
+                plgpu.barrier_arrive(reduce_barrier.at[0])
+
+            @pl.when(wg == 0)
+            def _():
+                plgpu.barrier_wait(reduce_barrier.at[0])
+                o_smem[...] = acc + plgpu.load(o_smem, layout=plgpu.Layout.WGMMA)
+
+        @pl.when(wg == 0)
+        def _():
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(
+                o_smem,
+                o_ref.at[split, pl.ds(n_tile * TILE, TILE), pl.ds(m_tile * block_m, block_m)],
+            )
+            plgpu.wait_smem_to_gmem(0)
 
 
 def offsets_table(w) -> jax.Array:
@@ -565,8 +761,14 @@ def matmul(x, w, *, config: SpmmConfig | None = None):
     x = jnp.pad(x, ((0, mp - m), (0, 0)))
     values = w.values
     density = values.shape[0] / (n_tiles * k_tiles * TILE * TILE)
-    if values.shape[0] < CHUNK:  # A TMA box may not exceed its array.
-        values = jnp.pad(values, (0, CHUNK - values.shape[0]))
+    chunk, compute_wgs = config.value_chunk, config.compute_warpgroups
+    ring_chunks = config.ring_values_for(values.dtype.itemsize) // chunk
+    if values.shape[0] < chunk:  # A copy may not exceed its array.
+        values = jnp.pad(values, (0, chunk - values.shape[0]))
+    # A bulk copy clamped at the end of the values must stay a multiple of 16
+    # bytes; otherwise a chunk is several TMA boxes, each arriving on its barrier
+    # (value_chunk=256 is one box, as before issue 13).
+    bulk_values = chunk > TMA_BOX and values.shape[0] * values.dtype.itemsize % 16 == 0
     splits = config.splits_for(n_tiles * (mp // block_m), k_tiles)
     tiles_per_split = cdiv(k_tiles, splits)
     splits = cdiv(k_tiles, tiles_per_split)
@@ -581,23 +783,30 @@ def matmul(x, w, *, config: SpmmConfig | None = None):
         num_slots=num_slots,
         interpret=_mgpu.interpreting(),
         decode_strategy=config.decode_for(density),
+        compute_wgs=compute_wgs,
+        chunk=chunk,
+        bulk_values=bulk_values,
     )
     buffers = (
         plgpu.SMEM(
             (num_slots, block_m, TILE), x.dtype, transforms=_mgpu.smem_transforms(x.dtype, TILE)
         ),
         plgpu.SMEM((num_slots, WORDS), jnp.uint32),
-        plgpu.SMEM((RING_CHUNKS, CHUNK), values.dtype),
-        plgpu.SMEM((TILE, TILE), x.dtype, transforms=_mgpu.smem_transforms(x.dtype, TILE)),
+        plgpu.SMEM((ring_chunks, chunk), values.dtype),
+        plgpu.SMEM(
+            (compute_wgs, TILE, TILE), x.dtype, transforms=_mgpu.smem_transforms(x.dtype, TILE)
+        ),
         plgpu.SMEM((tiles_per_split + 1, 4), jnp.int32),
         plgpu.SMEM((TILE, block_m), jnp.float32),
     )
     smem = sum(math.prod(b.shape) * jnp.dtype(b.dtype).itemsize for b in buffers)
     if smem > SMEM_BYTES:
         raise ValueError(
-            f"SpmmConfig(block_m={block_m}, max_concurrent_steps={num_slots}) with "
+            f"SpmmConfig(block_m={block_m}, max_concurrent_steps={num_slots}, "
+            f"ring_values={ring_chunks * chunk}) with "
             f"{values.dtype} values needs ~{smem // 1024} KiB of shared memory, more than "
-            f"the {SMEM_BYTES // 1024} KiB of an H100: lower block_m or max_concurrent_steps"
+            f"the {SMEM_BYTES // 1024} KiB of an H100: lower block_m, max_concurrent_steps or "
+            "ring_values"
         )
     loaded, consumed = _mgpu.ring_barriers(num_slots, 2, 1)
     partials = plgpu.kernel(
@@ -606,14 +815,18 @@ def matmul(x, w, *, config: SpmmConfig | None = None):
         scratch_types=(
             *buffers,
             plgpu.Barrier(num_barriers=1),
+            plgpu.Barrier(num_barriers=1),  # warpgroup 1's sum is in o_smem
             loaded,
             consumed,
-            plgpu.Barrier(num_barriers=RING_CHUNKS),
-            plgpu.Barrier(num_arrivals=1, num_barriers=RING_CHUNKS),
+            plgpu.Barrier(
+                num_arrivals=1 if bulk_values else chunk // TMA_BOX,
+                num_barriers=ring_chunks,
+            ),
+            plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=ring_chunks),
         ),
         grid=(n_tiles, splits, mp // block_m),
         grid_names=("n_tiles", "k_splits", "m_tiles"),
-        num_threads=2,
+        num_threads=compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(x, values, w.bitmap, offsets)
