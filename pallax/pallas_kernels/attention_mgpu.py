@@ -53,7 +53,6 @@ from pallax.pallas_kernels._mgpu import (
     cdiv,
     clamp,
     floordiv,
-    mma,
     mma_from_registers,
     zeros,
 )
@@ -108,9 +107,17 @@ class AttentionConfig:
 
     @staticmethod
     def for_head_dim(head_dim: int) -> AttentionConfig:
-        """Heuristic tiles that fit shared memory and registers on H100."""
+        """Heuristic tiles that fit shared memory and registers on H100.
+
+        head_dim 64 takes 128-row query steps in the backward (FA3's 128 x 128
+        hd-64 tile: 128 keys per CTA, 128 queries per step), which halves the
+        wgmma waits per FLOP; at head_dim 128 the dK/dV accumulators leave no
+        registers for that (S^T and dP^T would need 64 more each).
+        """
         if head_dim > 128:
             return AttentionConfig(block_kv=64)
+        if head_dim <= 64:
+            return AttentionConfig(block_q_bwd=128)
         return AttentionConfig()
 
     def resolved_p_operand(self) -> str:
@@ -208,28 +215,48 @@ def _apply_mask(window: Window, s, q_start, k_start, transposed: bool = False):
     return jnp.where(mask, s, -jnp.inf)
 
 
-def _accumulate(acc, a, b, staging_smem=None, while_in_flight=None):
-    """``acc + a @ b`` on the tensor cores; ``a`` a register array, ``b`` an SMEM ref.
+def _accumulate(accs, products, staging_smem=None, while_in_flight=None):
+    """``acc + a @ b`` for each ``acc`` of ``accs`` and ``(a, b)`` of ``products``, on
+    the tensor cores; each ``a`` a register array, each ``b`` an SMEM ref.
 
-    Without ``staging_smem`` (``p_operand="registers"``) ``a`` goes to wgmma as
-    a register A operand (cast to ``b``'s 16-bit dtype) and ``acc`` is updated
-    in place; ``while_in_flight()`` is traced after the wgmma is issued, so it
-    runs while the tensor cores work (the accumulator is awaited on return).
-    With ``staging_smem`` (``"smem"``) ``a`` is stored and fenced there and a
-    fresh accumulator is added, the path GPU interpret mode runs.
+    Without ``staging_smem`` (``p_operand="registers"``) every ``a`` goes to wgmma
+    as a register A operand (cast to ``b``'s 16-bit dtype); all products are
+    issued back to back, accumulate in place, and are awaited once on return.
+    ``while_in_flight()`` is traced after they are issued, so it runs while the
+    tensor cores work. With ``staging_smem`` (``"smem"``) each ``a`` in turn is
+    stored and fenced there and a fresh accumulator is added, the path GPU
+    interpret mode runs. Returns the tuple of updated accumulators.
     """
     if staging_smem is None:
 
-        def body(acc_ref):
-            plgpu.wgmma(acc_ref, a.astype(b.dtype), b)
+        def body(acc_refs):
+            for acc_ref, (a, b) in zip(acc_refs, products, strict=True):
+                plgpu.wgmma(acc_ref, a.astype(b.dtype), b)
             if while_in_flight is not None:
                 while_in_flight()
 
-        return pl.run_state(body)(plgpu.ACC.init(acc))
-    acc = acc + mma_from_registers(a, staging_smem, b, acc.shape)
+        return pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc in accs))
+    accs = tuple(
+        acc + mma_from_registers(a, staging_smem, b, acc.shape)
+        for acc, (a, b) in zip(accs, products, strict=True)
+    )
     if while_in_flight is not None:
         while_in_flight()
-    return acc
+    return accs
+
+
+def _mma_pair(first, second):
+    """Two independent ``a @ b`` (SMEM operands, ``(a, b, out_shape)`` each) issued
+    back to back into fresh fp32 accumulators and awaited together: one wgmma
+    wait instead of two, and the second product overlaps the first's tail."""
+    (a0, b0, shape0), (a1, b1, shape1) = first, second
+
+    def body(acc0, acc1):
+        plgpu.wgmma(acc0, a0, b0)
+        plgpu.wgmma(acc1, a1, b1)
+        return acc0[...], acc1[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape0, jnp.float32), plgpu.ACC(shape1, jnp.float32))
 
 
 # ----------------------------------------------------------------------------
@@ -340,10 +367,9 @@ def _forward_kernel(
                 next_slot = _mgpu.slot_of(next_step, lo, num_slots)
                 pl.when(next_step < hi)(lambda: plgpu.barrier_wait(k_loaded.at[next_slot]))
 
-            acc = _accumulate(
-                acc,
-                p,
-                v_smem.at[slot],
+            (acc,) = _accumulate(
+                (acc,),
+                ((p, v_smem.at[slot]),),
                 staging_smem=None if in_registers else p_smem2.at[wg],
                 while_in_flight=wait_next_k if in_registers else None,
             )
@@ -473,13 +499,18 @@ def _dq_kernel(
 ):
     """dQ for ``2 * block_q`` query rows of one head (S and dP recomputed).
 
-    Registers per compute thread (64 x 64 tiles): dQ accumulator ``hd/2`` + S/P,
-    dP, dS fp32 32 each (P and dP die into dS) + dS in 16 bits 16: ~150 at hd
-    128; the ``"smem"`` path adds a fresh ``hd/2`` accumulator (~214 at hd 128).
+    Per KV step: S = Q K^T and dP = dO V^T as one wgmma group (one wait), then
+    dQ += dS K with dS as the A operand (registers, in place; or SMEM-staged).
 
-    SMEM: Q and dO tiles ``2*64*hd*2`` B each, lse/delta 1 KiB, K/V ring
-    ``2*slots*64*hd*2`` B, plus a dS staging tile (16 KiB) on the ``"smem"``
-    path: hd 64: 65 KiB (81); hd 128: 129 KiB (145).
+    Registers per compute thread (``bq = block_q_bwd`` rows per warpgroup,
+    ``bk = block_kv_bwd``): dQ accumulator ``bq*hd/128`` + S/P and dP fp32
+    ``bq*bk/128`` each (they die into dS) + dS in 16 bits half that. hd 128
+    (64 x 64): 64+32+32+16 = ~150; hd 64 (128 x 64): 64+64+64+32 = ~200 at the
+    dS step. The ``"smem"`` path adds a fresh dQ-sized accumulator (+64).
+
+    SMEM: Q and dO tiles ``2*bq*hd*2`` B each, lse/delta ``2*2*bq*4`` B, K/V
+    ring ``2*slots*bk*hd*2`` B, plus a dS staging tile ``2*bq*bk*2`` B on the
+    ``"smem"`` path: hd 64: 98 KiB (130); hd 128: 129 KiB (145).
     """
     block_q, block_kv = config.block_q_bwd, config.block_kv_bwd
     num_slots = config.max_concurrent_steps_bwd
@@ -519,17 +550,19 @@ def _dq_kernel(
         def step(kv_step, dq, masked):
             slot = _mgpu.slot_of(kv_step, lo, num_slots)
             plgpu.barrier_wait(k_loaded.at[slot])
-            s = mma(q_smem, k_smem.at[slot].T, (block_q, block_kv))
+            plgpu.barrier_wait(v_loaded.at[slot])
+            s, dp = _mma_pair(
+                (q_smem, k_smem.at[slot].T, (block_q, block_kv)),
+                (do_smem, v_smem.at[slot].T, (block_q, block_kv)),
+            )
+            plgpu.barrier_arrive(v_consumed.at[slot])
             s, squashed = _mgpu.base2_logits(s, scale, logits_soft_cap)
             if masked:
                 s = _apply_mask(window, s, q_start, kv_step * block_kv)
             p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
-            plgpu.barrier_wait(v_loaded.at[slot])
-            dp = mma(do_smem, v_smem.at[slot].T, (block_q, block_kv))
-            plgpu.barrier_arrive(v_consumed.at[slot])
             ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
             ds = _mgpu.soft_cap_grad(ds, squashed)
-            dq = _accumulate(dq, ds, k_smem.at[slot], staging_smem=ds_smem)
+            (dq,) = _accumulate((dq,), ((ds, k_smem.at[slot]),), staging_smem=ds_smem)
             plgpu.barrier_arrive(k_consumed.at[slot])
             return dq
 
@@ -585,15 +618,23 @@ def _dkv_kernel(
 ):
     """dK and dV for ``2 * block_kv`` keys of one kv head (all its query heads).
 
-    Registers per compute thread (64 x 64 tiles): dK and dV accumulators
-    ``hd/2`` each + S^T/P^T and dP^T/dS^T fp32 32 each + a 16-bit operand 16:
-    ~210 at hd 128, close to the 232 cap; the ``"smem"`` path adds a fresh
-    ``hd/2`` accumulator (~274 at hd 128, predicted to spill).
+    Per query step: S^T = K Q^T and dP^T = V dO^T as one wgmma group, then
+    dV += P^T dO and dK += dS^T Q as a second group with register A operands
+    accumulated in place: two waits per step (the ``"smem"`` path stages P^T
+    and dS^T one after the other: three waits and two fenced stores).
 
-    SMEM: the CTA's K and V tiles ``2*64*hd*2`` B each, Q/dO ring
-    ``2*slots*64*hd*2`` B, lse/delta ring 1 KiB, plus a P^T/dS^T staging tile
-    (16 KiB) on the ``"smem"`` path: hd 64: 65 KiB (81); hd 128: 129 KiB
-    (145). hd 256 would need 257 KiB and falls back to XLA.
+    Registers per compute thread (``bk = block_kv_bwd`` keys per warpgroup,
+    ``bq = block_q_bwd`` queries per step): dK and dV accumulators
+    ``bk*hd/128`` each + S^T/P^T and dP^T/dS^T fp32 ``bk*bq/128`` each + the
+    16-bit P^T and dS^T half that each. hd 128 (64 x 64): 64+64+32+32+16 =
+    ~210, close to the 232 cap; hd 64 (64 x 128): 32+32+64+64+32 = ~220. The
+    ``"smem"`` path adds a fresh dK/dV-sized accumulator (~274 at hd 128,
+    predicted to spill).
+
+    SMEM: the CTA's K and V tiles ``2*bk*hd*2`` B each, Q/dO ring
+    ``2*slots*bq*hd*2`` B, lse/delta ring ``2*slots*bq*4`` B, plus a P^T/dS^T
+    staging tile ``2*bk*bq*2`` B on the ``"smem"`` path: hd 64: 98 KiB (130);
+    hd 128: 129 KiB (145). hd 256 would need 257 KiB and falls back to XLA.
     """
     block_q, block_kv = config.block_q_bwd, config.block_kv_bwd
     num_slots = config.max_concurrent_steps_bwd
@@ -634,7 +675,11 @@ def _dkv_kernel(
             dk, dv = carry
             slot = _mgpu.slot_of(linear_step, 0, num_slots)
             plgpu.barrier_wait(q_loaded.at[slot])
-            s_t = mma(k_smem, q_smem.at[slot].T, (block_kv, block_q))
+            plgpu.barrier_wait(do_loaded.at[slot])
+            s_t, dp_t = _mma_pair(
+                (k_smem, q_smem.at[slot].T, (block_kv, block_q)),
+                (v_smem, do_smem.at[slot].T, (block_kv, block_q)),
+            )
             s_t, squashed_t = _mgpu.base2_logits(s_t, scale, logits_soft_cap)
             if masked:
                 s_t = _apply_mask(window, s_t, q_block * block_q, k_start, transposed=True)
@@ -642,16 +687,18 @@ def _dkv_kernel(
             lse = plgpu.load(lse_smem.at[slot], layout=col_layout)
             plgpu.barrier_arrive(lse_consumed.at[slot])
             p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
-            plgpu.barrier_wait(do_loaded.at[slot])
-            dv = _accumulate(dv, p_t, do_smem.at[slot], staging_smem=t_smem)
-            dp_t = mma(v_smem, do_smem.at[slot].T, (block_kv, block_q))
-            plgpu.barrier_arrive(do_consumed.at[slot])
             plgpu.barrier_wait(delta_loaded.at[slot])
             delta = plgpu.load(delta_smem.at[slot], layout=col_layout)
             plgpu.barrier_arrive(delta_consumed.at[slot])
             ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
             ds_t = _mgpu.soft_cap_grad(ds_t, squashed_t)
-            dk = _accumulate(dk, ds_t, q_smem.at[slot], staging_smem=t_smem)
+            # dV and dK: on the register path both wgmmas go out together, one wait.
+            dv, dk = _accumulate(
+                (dv, dk),
+                ((p_t, do_smem.at[slot]), (ds_t, q_smem.at[slot])),
+                staging_smem=t_smem,
+            )
+            plgpu.barrier_arrive(do_consumed.at[slot])
             plgpu.barrier_arrive(q_consumed.at[slot])
             return dk, dv
 
