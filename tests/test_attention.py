@@ -116,6 +116,21 @@ def test_mosaic_forward_has_no_races():
     assert not testing.races_detected()
 
 
+def test_mosaic_backward_has_no_races():
+    """dQ and dK/dV issue their S / dP products in pairs; the rings stay race-free."""
+    q, k, v, do = random_qkv(7, 1, 256, 256, 2, 1, 64, jnp.bfloat16)
+
+    def loss(q, k, v):
+        out = dot_product_attention(
+            q, k, v, is_causal=True, local_window_size=100, implementation="mosaic"
+        )
+        return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
+
+    with testing.gpu_interpret(detect_races=True):
+        jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+    assert not testing.races_detected()
+
+
 def test_default_implementation_on_cpu_is_xla():
     q, k, v, _ = random_qkv(4, 1, 16, 16, 2, 2, 64, jnp.bfloat16)
     jaxpr = str(jax.make_jaxpr(functools.partial(dot_product_attention, is_causal=True))(q, k, v))
@@ -176,6 +191,49 @@ def test_bad_config_raises():
         AttentionConfig(block_kv=96)
     with pytest.raises(ValueError, match="max_concurrent_steps=1"):
         AttentionConfig(max_concurrent_steps=1)
+    with pytest.raises(ValueError, match="p_operand='tmem'"):
+        AttentionConfig(p_operand="tmem")
+
+
+def kernel_jaxpr(config, interpret=False):
+    """Jaxpr (Pallas kernel bodies included) of the forward and backward, traced as for
+    an H100 or, with ``interpret``, as for GPU interpret mode."""
+    q = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+
+    def loss(q, k, v):
+        out = dot_product_attention(q, k, v, is_causal=True, implementation="mosaic", config=config)
+        return out.astype(jnp.float32).sum()
+
+    trace = lambda: str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q))  # noqa: E731
+    if interpret:
+        with testing.gpu_interpret():
+            return trace()
+    with jax.sharding.use_abstract_mesh(testing.h100_abstract_mesh()):
+        return trace()
+
+
+def test_p_operand_registers_on_gpu_smem_in_interpret_mode():
+    """On the GPU, P / dS / P^T / dS^T go to wgmma from registers, accumulated in place
+    (``run_state``, one per loop phase of the forward, dQ and dK/dV) with no staging
+    stores; interpret mode and ``p_operand="smem"`` stage them in SMEM instead."""
+    registers = kernel_jaxpr(AttentionConfig())
+    assert kernel_jaxpr(AttentionConfig(p_operand="registers")) == registers
+    smem = kernel_jaxpr(AttentionConfig(p_operand="smem"))
+    assert registers.count("run_state") == 3 * (1 + 1 + 1)
+    assert smem.count("run_state") == 0
+    # Staging fences: one per register-operand GEMM site (forward 3, dQ 3, dK/dV 6).
+    assert smem.count("commit_smem") - registers.count("commit_smem") == 3 + 3 + 6
+    assert kernel_jaxpr(AttentionConfig(), interpret=True).count("run_state") == 0
+
+
+def test_register_operands_are_refused_in_interpret_mode():
+    q, k, v, _ = random_qkv(6, 1, 64, 64, 2, 2, 64, jnp.bfloat16)
+    with testing.gpu_interpret():
+        assert AttentionConfig().resolved_p_operand() == "smem"
+        with pytest.raises(ValueError, match="p_operand='registers'.*interpret mode"):
+            dot_product_attention(
+                q, k, v, implementation="mosaic", config=AttentionConfig(p_operand="registers")
+            )
 
 
 def soft_capped_reference(q, k, v, *, scale, cap, left, right):

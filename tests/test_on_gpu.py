@@ -98,6 +98,42 @@ def test_soft_capped_attention_forward_and_backward(head_dim, window):
         assert relative_error(got, expected) < 2e-2
 
 
+@pytest.mark.parametrize("p_operand", ["registers", "smem"])
+@pytest.mark.parametrize(
+    "head_dim, window, cap", [(64, None, None), (128, 512, 30.0), (256, None, None)]
+)
+def test_attention_operand_paths(p_operand, head_dim, window, cap):
+    """Both A-operand paths (register P / dS, the GPU default, and SMEM staging, the one
+    interpret mode checks on CPU) against XLA: the register path only runs here."""
+    import dataclasses
+
+    from pallax.pallas_kernels import AttentionConfig
+
+    q, k, v, do = random_qkv(4, 1, 1536, 1536, 8, 2, head_dim, jnp.bfloat16)
+    config = dataclasses.replace(AttentionConfig.for_head_dim(head_dim), p_operand=p_operand)
+
+    def loss(q, k, v, implementation):
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            local_window_size=window,
+            logits_soft_cap=cap,
+            implementation=implementation,
+            config=config if implementation == "mosaic" else None,
+        )
+        return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)), out
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    (dq, dk, dv), out = grad(q, k, v, "mosaic")
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    (dq_ref, dk_ref, dv_ref), out_ref = grad(*f32, "xla")
+    assert relative_error(out, out_ref) < 1e-2
+    for got, expected in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
+        assert relative_error(got, expected) < 2e-2
+
+
 @pytest.mark.parametrize("rolling", [False, True])
 def test_soft_capped_decode_attention(rolling):
     batch, heads, kv_heads, head_dim, cache_len = 4, 8, 4, 256, 4096

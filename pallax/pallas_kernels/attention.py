@@ -265,7 +265,9 @@ def dot_product_attention(
         before masking and softmax (Gemma 2's attention soft-capping).
       implementation: ``None`` (Mosaic kernel on Hopper for bf16/fp16, XLA
         otherwise), ``"mosaic"`` or ``"xla"``.
-      config: tile sizes for the Mosaic kernel; default from head_dim.
+      config: tile sizes for the Mosaic kernel, default from head_dim, and
+        ``p_operand`` (register A operands on the GPU, SMEM staging in GPU
+        interpret mode; see :class:`AttentionConfig`).
 
     Returns:
       ``[batch, q_len, num_heads, head_dim]`` in ``query.dtype``.

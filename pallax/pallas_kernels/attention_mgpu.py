@@ -22,6 +22,18 @@ and ``lse = +inf`` (so the backward pass gives them zero gradient).
 Inputs must already be padded to the tile multiples (the wrapper in
 :mod:`pallax.pallas_kernels.attention` does this); ``q_len``/``kv_len`` are the
 unpadded lengths used for masking.
+
+Operand placement (``AttentionConfig.p_operand``): on the GPU the second GEMM
+of each pair takes its A operand (P, dS, P^T, dS^T) from registers and
+accumulates in place, as FlashAttention-3 and jax's ``attention_mgpu.py`` do;
+GPU interpret mode cannot run that, so it (and anyone who asks) gets the older
+path that stages the operand in SMEM and adds a fresh accumulator.
+
+Budgets below are predictions from tile arithmetic, not ptxas or profiler
+output (no GPU run exists yet): a ``R x C`` fp32 tile held by one warpgroup
+costs ``R * C / 128`` registers per thread, a 16-bit one half that; compute
+warpgroups may use 232 registers (``set_max_registers``), the memory one 40;
+an H100 CTA may use 227 KiB of SMEM.
 """
 
 from __future__ import annotations
@@ -41,7 +53,6 @@ from pallax.pallas_kernels._mgpu import (
     cdiv,
     clamp,
     floordiv,
-    mma,
     mma_from_registers,
     zeros,
 )
@@ -52,9 +63,28 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 MAX_BACKWARD_HEAD_DIM = 128  # head_dim 256 backward would need 280 KB of SMEM.
 
 
+P_OPERANDS = ("registers", "smem")
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-    """Tile sizes. Rows per CTA are ``2 * block_q`` (one block per compute wg)."""
+    """Tile sizes and operand placement. Rows per CTA are ``2 * block_q`` (one
+    block per compute wg).
+
+    ``p_operand`` says where the softmax-side A operand of the second GEMM of
+    each pair lives (P in ``P @ V``; dS in ``dS @ K``; P^T and dS^T in the
+    dK/dV kernel):
+
+    * ``"registers"``: wgmma reads it straight from registers (as FA3 and jax's
+      ``attention_mgpu.py``) and accumulates in place (``pl.run_state``), with
+      the wait for the next K block issued while that wgmma runs.
+    * ``"smem"``: it is stored to a shared-memory staging tile, fenced, and
+      multiplied into a fresh accumulator that is then added. GPU interpret mode
+      (the CPU tests) supports only this path: it has no register A operands
+      and no ``run_state`` accumulators.
+    * ``None`` (default): ``"registers"`` when compiling for a GPU, ``"smem"``
+      in GPU interpret mode.
+    """
 
     block_q: int = 64
     block_kv: int = 128
@@ -62,8 +92,11 @@ class AttentionConfig:
     block_q_bwd: int = 64
     block_kv_bwd: int = 64
     max_concurrent_steps_bwd: int = 2
+    p_operand: str | None = None
 
     def __post_init__(self):
+        if self.p_operand is not None and self.p_operand not in P_OPERANDS:
+            raise ValueError(f"p_operand={self.p_operand!r} must be one of {P_OPERANDS} or None")
         for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
             value = getattr(self, name)
             if value <= 0 or value % 64:
@@ -74,10 +107,31 @@ class AttentionConfig:
 
     @staticmethod
     def for_head_dim(head_dim: int) -> AttentionConfig:
-        """Heuristic tiles that fit shared memory and registers on H100."""
+        """Heuristic tiles that fit shared memory and registers on H100.
+
+        head_dim 64 takes 128-row query steps in the backward (FA3's 128 x 128
+        hd-64 tile: 128 keys per CTA, 128 queries per step), which halves the
+        wgmma waits per FLOP; at head_dim 128 the dK/dV accumulators leave no
+        registers for that (S^T and dP^T would need 64 more each).
+        """
         if head_dim > 128:
             return AttentionConfig(block_kv=64)
+        if head_dim <= 64:
+            return AttentionConfig(block_q_bwd=128)
         return AttentionConfig()
+
+    def resolved_p_operand(self) -> str:
+        """``p_operand`` for the kernel being traced now (see the class docstring)."""
+        interpreting = _mgpu.interpreting()
+        if self.p_operand is None:
+            return "smem" if interpreting else "registers"
+        if self.p_operand == "registers" and interpreting:
+            raise ValueError(
+                "AttentionConfig(p_operand='registers') cannot run in GPU interpret mode "
+                "(no register A operands or run_state accumulators there); use "
+                "p_operand='smem' or None"
+            )
+        return self.p_operand
 
     @property
     def q_rows_per_cta(self) -> int:
@@ -161,6 +215,50 @@ def _apply_mask(window: Window, s, q_start, k_start, transposed: bool = False):
     return jnp.where(mask, s, -jnp.inf)
 
 
+def _accumulate(accs, products, staging_smem=None, while_in_flight=None):
+    """``acc + a @ b`` for each ``acc`` of ``accs`` and ``(a, b)`` of ``products``, on
+    the tensor cores; each ``a`` a register array, each ``b`` an SMEM ref.
+
+    Without ``staging_smem`` (``p_operand="registers"``) every ``a`` goes to wgmma
+    as a register A operand (cast to ``b``'s 16-bit dtype); all products are
+    issued back to back, accumulate in place, and are awaited once on return.
+    ``while_in_flight()`` is traced after they are issued, so it runs while the
+    tensor cores work. With ``staging_smem`` (``"smem"``) each ``a`` in turn is
+    stored and fenced there and a fresh accumulator is added, the path GPU
+    interpret mode runs. Returns the tuple of updated accumulators.
+    """
+    if staging_smem is None:
+
+        def body(acc_refs):
+            for acc_ref, (a, b) in zip(acc_refs, products, strict=True):
+                plgpu.wgmma(acc_ref, a.astype(b.dtype), b)
+            if while_in_flight is not None:
+                while_in_flight()
+
+        return pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc in accs))
+    accs = tuple(
+        acc + mma_from_registers(a, staging_smem, b, acc.shape)
+        for acc, (a, b) in zip(accs, products, strict=True)
+    )
+    if while_in_flight is not None:
+        while_in_flight()
+    return accs
+
+
+def _mma_pair(first, second):
+    """Two independent ``a @ b`` (SMEM operands, ``(a, b, out_shape)`` each) issued
+    back to back into fresh fp32 accumulators and awaited together: one wgmma
+    wait instead of two, and the second product overlaps the first's tail."""
+    (a0, b0, shape0), (a1, b1, shape1) = first, second
+
+    def body(acc0, acc1):
+        plgpu.wgmma(acc0, a0, b0)
+        plgpu.wgmma(acc1, a1, b1)
+        return acc0[...], acc1[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape0, jnp.float32), plgpu.ACC(shape1, jnp.float32))
+
+
 # ----------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------
@@ -188,6 +286,25 @@ def _forward_kernel(
     group: int,
     logits_soft_cap: float | None,
 ):
+    """One CTA: ``2 * block_q`` query rows of one head, two compute warpgroups
+    ping-ponged (one runs softmax while the other's QK^T is on the tensor cores)
+    and one TMA warpgroup streaming K/V blocks through ``max_concurrent_steps``
+    slots.
+
+    Registers per compute thread (block_q 64; block_kv 128, or 64 at hd 256),
+    live at the softmax: O accumulator ``hd/2`` + S ``block_kv/2`` + P in 16
+    bits ``block_kv/4`` + row statistics, i.e. 32+64+32 (hd 64), 64+64+32 (hd
+    128), 128+32+16 (hd 256). That is jax's kernel's set; masking adds only
+    iota/compare temporaries, so the ``"registers"`` path is predicted within
+    ~16 registers of jax's. The ``"smem"`` path also holds a fresh ``P @ V``
+    accumulator beside O during the add: +32/+64/+128, so at hd 256 it needs
+    ~256 > 232 and is predicted to spill.
+
+    SMEM: Q/O tiles ``2*block_q*hd*2`` B + K/V ring ``2*slots*block_kv*hd*2``
+    B + lse 512 B, plus on the ``"smem"`` path a P tile ``2*block_q*block_kv*2``
+    B: hd 64: 80.5 KiB (112.5 with P staging); hd 128: 160.5 (192.5); hd 256:
+    192.5 (208.5).
+    """
     block_q, block_kv = config.block_q, config.block_kv
     num_slots = config.max_concurrent_steps
     batch = lax.axis_index("batch")
@@ -207,18 +324,22 @@ def _forward_kernel(
     @pl.when(wg < NUM_COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(_mgpu.COMPUTE_WG_REGISTERS, action="increase")
-        q_smem, lse_smem, p_smem = q_smem2.at[wg], lse_smem2.at[wg], p_smem2.at[wg]
+        q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
         q_start = cta_q_start + wg * block_q
         plgpu.copy_gmem_to_smem(
             q_ref.at[batch, pl.ds(q_start, block_q), head], q_smem, q_barriers.at[wg]
         )
         plgpu.barrier_wait(q_barriers.at[wg])
         full_lo, full_hi = _unmasked_kv_blocks(window, q_start, block_q, block_kv, lo, hi)
+        in_registers = p_smem2 is None
+        if in_registers:  # Each step waits for the next K inside its P @ V (below).
+            pl.when(lo < hi)(lambda: plgpu.barrier_wait(k_loaded.at[0]))
 
         def step(kv_step, carry, masked):
             acc, m_i, l_i = carry
             slot = _mgpu.slot_of(kv_step, lo, num_slots)
-            plgpu.barrier_wait(k_loaded.at[slot])
+            if not in_registers:
+                plgpu.barrier_wait(k_loaded.at[slot])
 
             def qk_body(acc_ref):
                 plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
@@ -231,10 +352,27 @@ def _forward_kernel(
             if masked:
                 s = _apply_mask(window, s, q_start, kv_step * block_kv)
             p, m_new, l_i, acc = _mgpu.softmax_step(s, m_i, l_i, acc)
+            if in_registers:
+                p = p.astype(dtype)
+                if head_dim <= 128:
+                    # As jax's kernel: finish the softmax (and free its fp32
+                    # temporaries) before the barriers, not after them.
+                    acc, m_new, l_i, p = lax.optimization_barrier((acc, m_new, l_i, p))
             plgpu.barrier_arrive(schedule_barrier)
             plgpu.barrier_wait(v_loaded.at[slot])
             plgpu.barrier_wait(schedule_barrier)
-            acc = acc + mma_from_registers(p, p_smem, v_smem.at[slot], (block_q, head_dim))
+
+            def wait_next_k():
+                next_step = kv_step + 1
+                next_slot = _mgpu.slot_of(next_step, lo, num_slots)
+                pl.when(next_step < hi)(lambda: plgpu.barrier_wait(k_loaded.at[next_slot]))
+
+            (acc,) = _accumulate(
+                (acc,),
+                ((p, v_smem.at[slot]),),
+                staging_smem=None if in_registers else p_smem2.at[wg],
+                while_in_flight=wait_next_k if in_registers else None,
+            )
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_new, l_i
 
@@ -291,6 +429,7 @@ def forward(
     dtype = q.dtype
     num_slots = config.max_concurrent_steps
     transforms = _mgpu.smem_transforms(dtype)
+    p_operand = config.resolved_p_operand()
     kernel = functools.partial(
         _forward_kernel,
         window=window,
@@ -310,7 +449,10 @@ def forward(
             plgpu.SMEM((num_slots, config.block_kv, head_dim), dtype, transforms=transforms),
             plgpu.SMEM((num_slots, config.block_kv, head_dim), dtype, transforms=transforms),
             plgpu.SMEM((NUM_COMPUTE_WGS, config.block_q), jnp.float32),
-            plgpu.SMEM(
+            # P staging tile, only on the "smem" path (None allocates nothing).
+            None
+            if p_operand == "registers"
+            else plgpu.SMEM(
                 (NUM_COMPUTE_WGS, config.block_q, config.block_kv), dtype, transforms=transforms
             ),
             plgpu.Barrier(num_barriers=NUM_COMPUTE_WGS),
@@ -355,6 +497,21 @@ def _dq_kernel(
     group: int,
     logits_soft_cap: float | None,
 ):
+    """dQ for ``2 * block_q`` query rows of one head (S and dP recomputed).
+
+    Per KV step: S = Q K^T and dP = dO V^T as one wgmma group (one wait), then
+    dQ += dS K with dS as the A operand (registers, in place; or SMEM-staged).
+
+    Registers per compute thread (``bq = block_q_bwd`` rows per warpgroup,
+    ``bk = block_kv_bwd``): dQ accumulator ``bq*hd/128`` + S/P and dP fp32
+    ``bq*bk/128`` each (they die into dS) + dS in 16 bits half that. hd 128
+    (64 x 64): 64+32+32+16 = ~150; hd 64 (128 x 64): 64+64+64+32 = ~200 at the
+    dS step. The ``"smem"`` path adds a fresh dQ-sized accumulator (+64).
+
+    SMEM: Q and dO tiles ``2*bq*hd*2`` B each, lse/delta ``2*2*bq*4`` B, K/V
+    ring ``2*slots*bk*hd*2`` B, plus a dS staging tile ``2*bq*bk*2`` B on the
+    ``"smem"`` path: hd 64: 98 KiB (130); hd 128: 129 KiB (145).
+    """
     block_q, block_kv = config.block_q_bwd, config.block_kv_bwd
     num_slots = config.max_concurrent_steps_bwd
     batch = lax.axis_index("batch")
@@ -370,7 +527,8 @@ def _dq_kernel(
     @pl.when(wg < NUM_COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(_mgpu.COMPUTE_WG_REGISTERS, action="increase")
-        q_smem, do_smem, ds_smem = q_smem2.at[wg], do_smem2.at[wg], ds_smem2.at[wg]
+        q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+        ds_smem = None if ds_smem2 is None else ds_smem2.at[wg]  # None: registers
         lse_smem, delta_smem = row_smem2.at[0, wg], row_smem2.at[1, wg]
         q_start = cta_q_start + wg * block_q
         rows = pl.ds(q_start, block_q)
@@ -392,17 +550,19 @@ def _dq_kernel(
         def step(kv_step, dq, masked):
             slot = _mgpu.slot_of(kv_step, lo, num_slots)
             plgpu.barrier_wait(k_loaded.at[slot])
-            s = mma(q_smem, k_smem.at[slot].T, (block_q, block_kv))
+            plgpu.barrier_wait(v_loaded.at[slot])
+            s, dp = _mma_pair(
+                (q_smem, k_smem.at[slot].T, (block_q, block_kv)),
+                (do_smem, v_smem.at[slot].T, (block_q, block_kv)),
+            )
+            plgpu.barrier_arrive(v_consumed.at[slot])
             s, squashed = _mgpu.base2_logits(s, scale, logits_soft_cap)
             if masked:
                 s = _apply_mask(window, s, q_start, kv_step * block_kv)
             p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
-            plgpu.barrier_wait(v_loaded.at[slot])
-            dp = mma(do_smem, v_smem.at[slot].T, (block_q, block_kv))
-            plgpu.barrier_arrive(v_consumed.at[slot])
             ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
             ds = _mgpu.soft_cap_grad(ds, squashed)
-            dq = dq + mma_from_registers(ds, ds_smem, k_smem.at[slot], (block_q, head_dim))
+            (dq,) = _accumulate((dq,), ((ds, k_smem.at[slot]),), staging_smem=ds_smem)
             plgpu.barrier_arrive(k_consumed.at[slot])
             return dq
 
@@ -456,6 +616,26 @@ def _dkv_kernel(
     group: int,
     logits_soft_cap: float | None,
 ):
+    """dK and dV for ``2 * block_kv`` keys of one kv head (all its query heads).
+
+    Per query step: S^T = K Q^T and dP^T = V dO^T as one wgmma group, then
+    dV += P^T dO and dK += dS^T Q as a second group with register A operands
+    accumulated in place: two waits per step (the ``"smem"`` path stages P^T
+    and dS^T one after the other: three waits and two fenced stores).
+
+    Registers per compute thread (``bk = block_kv_bwd`` keys per warpgroup,
+    ``bq = block_q_bwd`` queries per step): dK and dV accumulators
+    ``bk*hd/128`` each + S^T/P^T and dP^T/dS^T fp32 ``bk*bq/128`` each + the
+    16-bit P^T and dS^T half that each. hd 128 (64 x 64): 64+64+32+32+16 =
+    ~210, close to the 232 cap; hd 64 (64 x 128): 32+32+64+64+32 = ~220. The
+    ``"smem"`` path adds a fresh dK/dV-sized accumulator (~274 at hd 128,
+    predicted to spill).
+
+    SMEM: the CTA's K and V tiles ``2*bk*hd*2`` B each, Q/dO ring
+    ``2*slots*bq*hd*2`` B, lse/delta ring ``2*slots*bq*4`` B, plus a P^T/dS^T
+    staging tile ``2*bk*bq*2`` B on the ``"smem"`` path: hd 64: 98 KiB (130);
+    hd 128: 129 KiB (145). hd 256 would need 257 KiB and falls back to XLA.
+    """
     block_q, block_kv = config.block_q_bwd, config.block_kv_bwd
     num_slots = config.max_concurrent_steps_bwd
     batch = lax.axis_index("batch")
@@ -476,7 +656,8 @@ def _dkv_kernel(
     @pl.when(wg < NUM_COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(_mgpu.COMPUTE_WG_REGISTERS, action="increase")
-        k_smem, v_smem, t_smem = k_smem2.at[wg], v_smem2.at[wg], t_smem2.at[wg]
+        k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+        t_smem = None if t_smem2 is None else t_smem2.at[wg]  # None: registers
         k_start = cta_k_start + wg * block_kv
         keys = pl.ds(k_start, block_kv)
         plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem, own_barriers.at[wg])
@@ -494,7 +675,11 @@ def _dkv_kernel(
             dk, dv = carry
             slot = _mgpu.slot_of(linear_step, 0, num_slots)
             plgpu.barrier_wait(q_loaded.at[slot])
-            s_t = mma(k_smem, q_smem.at[slot].T, (block_kv, block_q))
+            plgpu.barrier_wait(do_loaded.at[slot])
+            s_t, dp_t = _mma_pair(
+                (k_smem, q_smem.at[slot].T, (block_kv, block_q)),
+                (v_smem, do_smem.at[slot].T, (block_kv, block_q)),
+            )
             s_t, squashed_t = _mgpu.base2_logits(s_t, scale, logits_soft_cap)
             if masked:
                 s_t = _apply_mask(window, s_t, q_block * block_q, k_start, transposed=True)
@@ -502,16 +687,18 @@ def _dkv_kernel(
             lse = plgpu.load(lse_smem.at[slot], layout=col_layout)
             plgpu.barrier_arrive(lse_consumed.at[slot])
             p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
-            plgpu.barrier_wait(do_loaded.at[slot])
-            dv = dv + mma_from_registers(p_t, t_smem, do_smem.at[slot], (block_kv, head_dim))
-            dp_t = mma(v_smem, do_smem.at[slot].T, (block_kv, block_q))
-            plgpu.barrier_arrive(do_consumed.at[slot])
             plgpu.barrier_wait(delta_loaded.at[slot])
             delta = plgpu.load(delta_smem.at[slot], layout=col_layout)
             plgpu.barrier_arrive(delta_consumed.at[slot])
             ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
             ds_t = _mgpu.soft_cap_grad(ds_t, squashed_t)
-            dk = dk + mma_from_registers(ds_t, t_smem, q_smem.at[slot], (block_kv, head_dim))
+            # dV and dK: on the register path both wgmmas go out together, one wait.
+            dv, dk = _accumulate(
+                (dv, dk),
+                ((p_t, do_smem.at[slot]), (ds_t, q_smem.at[slot])),
+                staging_smem=t_smem,
+            )
+            plgpu.barrier_arrive(do_consumed.at[slot])
             plgpu.barrier_arrive(q_consumed.at[slot])
             return dk, dv
 
@@ -592,9 +779,13 @@ def backward(
     row_tile = lambda rows: plgpu.SMEM(  # noqa: E731
         (NUM_COMPUTE_WGS, rows, head_dim), dtype, transforms=transforms
     )
-    # Staging buffer for register A operands (ds in dQ; p^T then ds^T in dK/dV).
-    staging = lambda rows, cols: plgpu.SMEM(  # noqa: E731
-        (NUM_COMPUTE_WGS, rows, cols), dtype, transforms=transforms
+    # Staging tile for the A operands computed in registers (ds in dQ; p^T then
+    # ds^T in dK/dV), only on the "smem" path (None allocates nothing).
+    p_operand = config.resolved_p_operand()
+    staging = lambda rows, cols: (  # noqa: E731
+        None
+        if p_operand == "registers"
+        else plgpu.SMEM((NUM_COMPUTE_WGS, rows, cols), dtype, transforms=transforms)
     )
     ring_tile = lambda rows: plgpu.SMEM(  # noqa: E731
         (num_slots, rows, head_dim), dtype, transforms=transforms
