@@ -918,6 +918,23 @@ SWEEP = [
     ("quantized_matmul", "w4a16_m16", {"k_splits": 4}),
     ("quantized_matmul", "w4a16_m16", {"max_concurrent_steps": 2}),
     ("quantized_matmul", "w4a16_m16", {"block_m": 8}),
+    # Old against new (issue 13): one decoding warpgroup, 256-value chunks, 16 KiB ring.
+    (
+        "sparse_matmul",
+        "spmm90_n16",
+        {"compute_warpgroups": 1, "value_chunk": 256, "ring_values": 8192},
+    ),
+    (
+        "sparse_matmul",
+        "spmm80_n16",
+        {"compute_warpgroups": 1, "value_chunk": 256, "ring_values": 8192},
+    ),
+    (
+        "sparse_matmul",
+        "spmm50_n16",
+        {"compute_warpgroups": 1, "value_chunk": 256, "ring_values": 8192},
+    ),
+    ("sparse_matmul", "spmm90_n16", {"compute_warpgroups": 1}),
     ("sparse_matmul", "spmm90_n16", {"decode": "dense"}),
     ("sparse_matmul", "spmm90_n16", {"max_concurrent_steps": 6}),
     ("sparse_matmul", "spmm90_n16", {"k_splits": 2}),
@@ -934,6 +951,9 @@ SWEEP = [
     ("quantized_matmul", "w8a8_m4096", {"k_splits": 2}),
     ("sparse_matmul", "spmm50_n16", {"decode": "bits"}),
     ("sparse_matmul", "spmm50_n16", {"max_concurrent_steps": 6}),
+    # P from registers (FA3, the default on a GPU) against P staged through SMEM.
+    ("attention", "attn_causal_fwd", {"p_operand": "smem"}),
+    ("attention", "attn_window_fwd", {"p_operand": "smem"}),
     ("attention", "attn_causal_fwd", {"block_kv": 64}),
     ("attention", "attn_causal_fwd", {"block_kv": 64, "max_concurrent_steps": 3}),
     ("attention", "attn_window_fwd", {"block_kv": 64}),
