@@ -2,6 +2,7 @@
 training with them: round-trip bounds, exact gathers, gradient bounds, HLO bytes vs the
 formula, loss / accumulation / resume equivalence, a 2-process run, clear errors."""
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallax import sharding as ps
 from pallax.__main__ import main as cli_main
-from pallax.models import Transformer
+from pallax.models import Transformer, quantize_model, sparsify_model
 from pallax.sharding import comm_quant as cq
 from pallax.train import Trainer
 from pallax.train.config import from_dict
@@ -264,10 +265,11 @@ def test_quantized_training_tracks_full_precision_and_resumes_exactly(tmp_path):
         drift = np.abs(np.asarray(references[name]) - master).max()
         assert 0 < drift < 0.2 * np.abs(master - np.asarray(initial[name])).max(), (name, drift)
 
+    shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if killed after step 2's checkpoint
     resumed = Trainer(
         config, mesh=_four_devices(), output_dir=tmp_path, progress=False, log=lambda *_: None
     )
-    assert resumed.restore(2) == 2
+    assert resumed.step == 2
     tail = [r["loss"] for r in resumed.fit() if "loss" in r]
     resumed.close()
     np.testing.assert_allclose(tail, int4[2:], rtol=1e-6)
@@ -380,3 +382,18 @@ def test_cli_rejects_bad_comm_flags(capsys, args, message):
         cli_main(["train", "--steps", "1", "--no-progress", "--out", "/nonexistent/x", *args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_sparse_and_quantized_layers_keep_their_own_gathers():
+    """MLPs sparse, attention outputs W8: only the dense projections (q, k, v, head)
+    take the quantized collectives; the model trains like without them."""
+    config = small_config(steps=2, model=dict(SMALL_MODEL, embed_dim=256, mlp_dim=512))
+    base = Transformer(config.model, rngs=nnx.Rngs(0))
+    sparsify_model(base, 0.7, layers=lambda path, _: ".mlp." in path)
+    quantize_model(base, 8, layers=lambda path, _: path.endswith("o_proj"))
+    _, plain = fit(config, model=nnx.clone(base), mesh=_four_devices())
+    trainer, quantized = fit(config.replace(**INT8), model=nnx.clone(base), mesh=_four_devices())
+    assert sorted(trainer._fsdp_specs) == sorted(
+        [f"blocks.{i}.attention.{p}_proj" for i in range(2) for p in "qkv"] + ["lm_head"]
+    )
+    np.testing.assert_allclose(quantized, plain, rtol=0.01)
