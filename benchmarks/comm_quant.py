@@ -253,7 +253,13 @@ def main(argv=None):
     parser.add_argument("--modes", default=None, help="comma-separated labels (default: all)")
     parser.add_argument("--loss-steps", type=int, default=0, help="also train every mode")
     parser.add_argument("--out", default="runs/comm_quant", help="loss curves JSON + plot")
+    parser.add_argument("--coordinator", help="multi-process: coordinator host:port")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
     args = parser.parse_args(argv)  # fmt: skip
+    ps.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    main_process = jax.process_index() == 0
+    print_ = print if main_process else (lambda *a, **k: None)
     n = jax.device_count()
     mesh = args.mesh or (f"data=2,fsdp={n // 2}" if n % 2 == 0 and n >= 4 else f"fsdp={n}")
     config = preset_config(args.preset).replace(mesh=mesh, eval_every=0, log_every=10**6)
@@ -269,7 +275,7 @@ def main(argv=None):
         per_host = fsdp // 2  # simulate two hosts: hpZ and two-level qgZ have work to do
     hosts = "process layout" if per_host is None else f"{per_host} fsdp devices per host"
     per_host = {} if per_host is None else {"comm_fsdp_per_host": per_host}
-    print(
+    print_(
         f"# {jax.devices()[0].device_kind} x{n} ({jax.process_count()} process(es)), jax "
         f"{jax.__version__}: preset {args.preset}, mesh {mesh}, batch {config.batch_size} x "
         f"{config.seq_len}, block 128, {hosts}"
@@ -278,7 +284,7 @@ def main(argv=None):
         f"{'mode':<15}{'HLO MB/dev':>11}{'ratio':>7}{'gather':>9}{'a2a':>9}{'r-scat':>9}"
         f"{'a-red':>9}{'permute':>9}{'formula':>9}{'step ms':>9}"
     )
-    print(header + "\n" + "-" * len(header))
+    print_(header + "\n" + "-" * len(header))
     results, base = {}, None
     for label, comm in modes:
         trainer = Trainer(config.replace(**comm, **(per_host if comm else {})), progress=False,
@@ -292,21 +298,21 @@ def main(argv=None):
         base = base or counted["total"]
         results[label] = dict(counted, formula=formula, step_s=step_s)
         mb = lambda b: f"{b / 2**20:>9.3f}"  # noqa: E731
-        print(
+        print_(
             f"{label:<15}{counted['total'] / 2**20:>11.3f}{base / counted['total']:>7.2f}"
             f"{mb(counted['all-gather'])}{mb(counted['all-to-all'])}"
             f"{mb(counted['reduce-scatter'])}{mb(counted['all-reduce'])}"
             f"{mb(counted['collective-permute'])}{mb(formula)}{step_s * 1e3:>9.1f}",
             flush=True,
         )
-    print(
+    print_(
         "formula: dense linear weights only (fwd + bwd gathers + gradient reduction); the HLO "
         "also holds the embedding gather, norm/embedding gradient all-reduces and the data-axis "
         "gradient all-reduce of each shard"
     )
-    print()
+    print_()
     for line in one_b_table(fsdp=16, per_host=8):
-        print(line)
+        print_(line)
     if args.loss_steps:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -314,8 +320,8 @@ def main(argv=None):
             mesh=mesh, steps=args.loss_steps, eval_every=max(args.loss_steps // 10, 1),
             log_every=max(args.loss_steps // 10, 1), checkpoint_every=0, **changes,
         )  # fmt: skip
-        print(f"\n# loss: demo corpus, {args.loss_steps} steps, mesh {mesh}")
-        print(f"{'mode':<15}{'final val':>10}{'vs none':>9}{'minutes':>9}")
+        print_(f"\n# loss: demo corpus, {args.loss_steps} steps, mesh {mesh}")
+        print_(f"{'mode':<15}{'final val':>10}{'vs none':>9}{'minutes':>9}")
         runs = []
         for label, comm in modes:
             if label == "fp32 explicit":
@@ -324,13 +330,14 @@ def main(argv=None):
             runs.append(run)
             final = run["val"][-1][1]
             ref = runs[0]["val"][-1][1]
-            print(
+            print_(
                 f"{label:<15}{final:>10.4f}{(final - ref) / ref:>+9.2%}{run['seconds'] / 60:>9.1f}",
                 flush=True,
             )
-        (out / "loss_curves.json").write_text(json.dumps(runs, indent=1))
-        plot_curves(runs, out / "loss_curves.png")
-        print(f"curves: {out / 'loss_curves.json'}, {out / 'loss_curves.png'}")
+        if main_process:
+            (out / "loss_curves.json").write_text(json.dumps(runs, indent=1))
+            plot_curves(runs, out / "loss_curves.png")
+        print_(f"curves: {out / 'loss_curves.json'}, {out / 'loss_curves.png'}")
         results["loss"] = runs
     return results
 

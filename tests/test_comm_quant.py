@@ -2,6 +2,7 @@
 training with them: round-trip bounds, exact gathers, gradient bounds, HLO bytes vs the
 formula, loss / accumulation / resume equivalence, a 2-process run, clear errors."""
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallax import sharding as ps
 from pallax.__main__ import main as cli_main
-from pallax.models import Transformer
+from pallax.models import Transformer, quantize_model, sparsify_model
 from pallax.sharding import comm_quant as cq
 from pallax.train import Trainer
 from pallax.train.config import from_dict
@@ -231,53 +232,54 @@ def test_hlo_bytes_match_the_formula_and_shrink_4x_and_7x(rng):
 # -- training -----------------------------------------------------------------------------
 
 
-def test_training_with_quantized_communication_tracks_full_precision(tmp_path):
-    """data=2 x fsdp=4: int8 and int4 weight differences (+Hadamard, two-level qgZ)
-    follow the unquantized losses; gradient accumulation and resume still hold."""
-    _, none = fit(small_config())
-    int8_trainer, int8 = fit(small_config(comm_quant_weights="int8", comm_quant_grads="int8"))
+def _four_devices():
+    return ps.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])
+
+
+INT8 = dict(comm_quant_weights="int8", comm_quant_grads="int8")
+INT4_DIFF = dict(
+    comm_quant_weights="int4", comm_quant_grads="int4", comm_weight_diff=True, comm_hadamard=True
+)
+
+
+def test_quantized_training_tracks_full_precision_and_resumes_exactly(tmp_path):
+    """data=2 x fsdp=2: int8, and int4 weight differences with Hadamard-rotated int4
+    gradients, follow the unquantized losses; a run resumed from step 2 (references
+    restored from the checkpoint) repeats the uninterrupted one."""
+    _, none = fit(small_config(), mesh=_four_devices())
+    _, int8 = fit(small_config(**INT8), mesh=_four_devices())
     np.testing.assert_allclose(int8, none, rtol=0.01)
     assert not np.array_equal(int8, none)  # the wire really was quantized
-    int4 = dict(
-        comm_quant_weights="int4", comm_quant_grads="int4", comm_weight_diff=True,
-        comm_hadamard=True, comm_fsdp_per_host=2,
-    )  # fmt: skip
-    int4_trainer, int4_losses = fit(small_config(**int4))
-    np.testing.assert_allclose(int4_losses, none, rtol=0.02)
+    config = small_config(**INT4_DIFF, checkpoint_every=2)
+    trainer, int4 = fit(config, mesh=_four_devices(), output_dir=tmp_path)
+    trainer.close()
+    np.testing.assert_allclose(int4, none, rtol=0.02)
+
     # The references follow the master weights to within a fraction of their change.
-    _, references = int4_trainer.opt_state
-    initial = dict(
-        int4_trainer._fsdp_layers(Transformer(int4_trainer.config.model, rngs=nnx.Rngs(0)))
-    )
+    _, references = trainer.opt_state
+    fresh = Transformer(config.model, rngs=nnx.Rngs(config.seed))  # the same init
+    initial = {name: layer.kernel.get_value() for name, layer in trainer._fsdp_layers(fresh)}
     assert len(references) == 2 * 7 + 1  # every dense projection and the head
-    for name, layer in int4_trainer._fsdp_layers(int4_trainer.model):
+    for name, layer in trainer._fsdp_layers(trainer.model):
         master = np.asarray(layer.kernel.get_value())
-        reference = np.asarray(references[name])
-        start = np.asarray(initial[name].kernel.get_value())
-        drift = np.abs(reference - master).max()
-        assert 0 < drift < 0.2 * np.abs(master - start).max(), (name, drift)
+        drift = np.abs(np.asarray(references[name]) - master).max()
+        assert 0 < drift < 0.2 * np.abs(master - np.asarray(initial[name])).max(), (name, drift)
 
-    # Gradient accumulation: 2 micro-batches of 4 give the loss of one batch of 8.
-    _, accumulated = fit(
-        small_config(
-            grad_accum=2, batch_size=16, comm_quant_weights="int8", comm_quant_grads="int8", steps=2
-        )  # fmt: skip
+    shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if killed after step 2's checkpoint
+    resumed = Trainer(
+        config, mesh=_four_devices(), output_dir=tmp_path, progress=False, log=lambda *_: None
     )
-    _, whole = fit(
-        small_config(batch_size=16, comm_quant_weights="int8", comm_quant_grads="int8", steps=2)
-    )
+    assert resumed.step == 2
+    tail = [r["loss"] for r in resumed.fit() if "loss" in r]
+    resumed.close()
+    np.testing.assert_allclose(tail, int4[2:], rtol=1e-6)
+
+
+def test_gradient_accumulation_with_quantized_communication():
+    """2 micro-batches of 4 sequences == one batch of 8, with int8 communication."""
+    _, whole = fit(small_config(**INT8, steps=2), mesh=_four_devices())
+    _, accumulated = fit(small_config(**INT8, steps=2, grad_accum=2), mesh=_four_devices())
     np.testing.assert_allclose(accumulated, whole, rtol=2e-3)
-
-    # Resume: 2 steps, a new trainer from the checkpoint (references included), 2 more.
-    config = small_config(**int4, checkpoint_every=2)
-    first = Trainer(config, output_dir=tmp_path, progress=False, log=lambda *_: None)
-    head = [r["loss"] for r in first.fit(steps=2) if "loss" in r]
-    first.close()
-    second = Trainer(config, output_dir=tmp_path, progress=False, log=lambda *_: None)
-    assert second.step == 2
-    tail = [r["loss"] for r in second.fit() if "loss" in r]
-    second.close()
-    np.testing.assert_allclose(head + tail, int4_losses, rtol=1e-6)
 
 
 def test_two_process_run_matches_one_process(tmp_path):
@@ -380,3 +382,18 @@ def test_cli_rejects_bad_comm_flags(capsys, args, message):
         cli_main(["train", "--steps", "1", "--no-progress", "--out", "/nonexistent/x", *args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_sparse_and_quantized_layers_keep_their_own_gathers():
+    """MLPs sparse, attention outputs W8: only the dense projections (q, k, v, head)
+    take the quantized collectives; the model trains like without them."""
+    config = small_config(steps=2, model=dict(SMALL_MODEL, embed_dim=256, mlp_dim=512))
+    base = Transformer(config.model, rngs=nnx.Rngs(0))
+    sparsify_model(base, 0.7, layers=lambda path, _: ".mlp." in path)
+    quantize_model(base, 8, layers=lambda path, _: path.endswith("o_proj"))
+    _, plain = fit(config, model=nnx.clone(base), mesh=_four_devices())
+    trainer, quantized = fit(config.replace(**INT8), model=nnx.clone(base), mesh=_four_devices())
+    assert sorted(trainer._fsdp_specs) == sorted(
+        [f"blocks.{i}.attention.{p}_proj" for i in range(2) for p in "qkv"] + ["lm_head"]
+    )
+    np.testing.assert_allclose(quantized, plain, rtol=0.01)

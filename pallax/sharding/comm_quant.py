@@ -375,7 +375,7 @@ def quantized_reduce_scatter(grad, axis: int, comm: CommQuant, axis_name=FSDP):
 # ----------------------------------------------------------------------------
 
 
-def _host_slice(full, axis: int, comm: CommQuant, size: int):
+def _host_slice(full, axis: int, comm: CommQuant):
     """This device's 1/L slice (within its host) of the gathered weight (hpZ)."""
     local = comm.fsdp_per_host
     parts = _split_parts(full, local, axis)
@@ -415,7 +415,7 @@ def _fsdp_matmul_fwd(comm, axis, matmul, x, w_shard, reference):
     if comm.weight_diff:
         kept = None
     elif comm.hpz:  # secondary copy, compute dtype, split within the host only
-        kept = _host_slice(full, axis, comm, lax.axis_size(FSDP)).astype(x.dtype)
+        kept = _host_slice(full, axis, comm).astype(x.dtype)
     else:
         kept = None
     return y, (x, w_shard, kept, reference)
@@ -435,7 +435,8 @@ def _fsdp_matmul_bwd(comm, axis, matmul, residuals, dy):
         gathered = group_all_gather(
             lax.bitcast_convert_type(kept, bits), axis, FSDP, size, comm.fsdp_per_host
         )
-        full = lax.bitcast_convert_type(gathered, kept.dtype)
+        # Back to the master dtype so the weight gradient is computed in float32.
+        full = lax.bitcast_convert_type(gathered, kept.dtype).astype(w_shard.dtype)
     else:
         barrier_shard, dy = lax.optimization_barrier((w_shard, dy))
         full = _gather_weight(barrier_shard, axis, comm)
@@ -560,24 +561,11 @@ def step_bytes(
     }
 
 
-def _ceil_div(a, b):
-    return -(-a // b)
-
-
-def encoded_size(num_values: int, bits: int | None, block_size: int, itemsize: int = 4) -> int:
-    """Bytes of one quantized message of ``num_values`` (codes + scales, padded blocks)."""
-    if bits is None:
-        return num_values * itemsize
-    blocks = _ceil_div(num_values, block_size)
-    return blocks * block_size * bits // 8 + blocks * 4
-
-
 __all__ = [
     "COMM_QUANT_MODES",
     "CommQuant",
     "FsdpWeight",
     "dequantize_blocks",
-    "encoded_size",
     "fsdp_axis_of",
     "fsdp_devices_per_host",
     "fsdp_matmul",
