@@ -159,14 +159,19 @@ def main():
         ("gptq-w4-asym-actorder", "GPTQ act-order", "W4 g128 asym", "docs",
          q(4, "gptq", symmetric=False, act_order=True)),
     ]  # fmt: skip
-    only = set(args.only.split(",")) if args.only else None
+    if args.only:  # these rows, in this order
+        by_name = {row[0]: row for row in rows}
+        unknown = [name for name in args.only.split(",") if name not in by_name]
+        if unknown:
+            sys.exit(f"--only: unknown rows {unknown}; rows are {list(by_name)}")
+        rows = [by_name[name] for name in args.only.split(",")]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
     if out.exists():
         done = {json.loads(line)["name"] for line in out.read_text().splitlines() if line}
     for name, method, weights, calib, convert in rows:
-        if (only and name not in only) or name in done:
+        if name in done:
             continue
         start = time.perf_counter()
         try:

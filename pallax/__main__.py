@@ -74,10 +74,23 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--checkpoint", required=True)
     convert.add_argument("--out", required=True, help="new checkpoint directory")
     convert.add_argument("--sparsity", type=float, help="fraction of weights to prune, e.g. 0.7")
-    convert.add_argument("--prune-method", default="magnitude", choices=("magnitude", "wanda"))
+    convert.add_argument(
+        "--prune-method", default="magnitude", choices=("magnitude", "wanda", "sparsegpt")
+    )
     convert.add_argument("--pattern", help="N:M pattern instead of unstructured, e.g. 2:4")
     convert.add_argument("--quantize", choices=("w8a8", "w8", "w4"), help="weight format")
-    convert.add_argument("--quant-method", default="rtn", choices=("rtn", "lkd"))
+    convert.add_argument("--quant-method", default="rtn", choices=("rtn", "lkd", "gptq"))
+    zero_points = convert.add_mutually_exclusive_group()
+    zero_points.add_argument(
+        "--asymmetric", dest="symmetric", action="store_false", default=None,
+        help="weights with zero points (default for w4)",
+    )  # fmt: skip
+    zero_points.add_argument(
+        "--symmetric", dest="symmetric", action="store_true", help="no zero points (w8 default)"
+    )
+    convert.add_argument(
+        "--act-order", action="store_true", help="gptq: inputs by decreasing activation energy"
+    )
     convert.add_argument("--group-size", type=int, default=128)
     convert.add_argument("--calibration-batches", type=int, default=4)
 
@@ -192,10 +205,14 @@ def _convert(args) -> None:
             "a linear holds one weight format: sparsify or quantize, not both "
             "(convert twice with different layer selections instead)"
         )
+    if args.act_order and args.quant_method != "gptq":
+        raise ValueError("--act-order needs --quant-method gptq")
     model, meta = load_model(_checkpoint_dir(args.checkpoint))
     config: TrainConfig = from_dict(meta["config"])
     calibration = None
-    if args.prune_method == "wanda" and args.sparsity is not None or args.quant_method == "lkd":
+    calibrated_pruning = args.prune_method in ("wanda", "sparsegpt") and args.sparsity is not None
+    calibrated_quant = args.quant_method in ("lkd", "gptq") and args.quantize is not None
+    if calibrated_pruning or calibrated_quant:
         tokenizer = load_tokenizer(config.tokenizer)
         dataset = TokenDataset.split(
             load_tokens(config.data, tokenizer), config.seq_len, config.validation_fraction
@@ -219,6 +236,8 @@ def _convert(args) -> None:
             args.quant_method,
             calibration=calibration,
             group_size=args.group_size,
+            symmetric=args.symmetric,
+            act_order=args.act_order,
         )
     out = Checkpointer(args.out)
     meta = {**meta, "weights": weight_descriptions(model), "converted_from": args.checkpoint}
