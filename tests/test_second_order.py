@@ -240,7 +240,6 @@ def test_gptq_and_sparsegpt_under_a_mesh_match_one_device():
         pytest.skip("needs 8 (fake) devices")
     tokens = calibration_tokens(8, 16)
     dense = Transformer(dataclasses.replace(TINY, num_layers=1), rngs=nnx.Rngs(2))
-    ref = np.asarray(dense(jnp.asarray(tokens)))
     # 8 bits: with K = 64 an int4 weight (packed in blocks of 128) has no fsdp split.
     single_q = quantize_model(nnx.clone(dense), 8, method="gptq", calibration=tokens)
     single_s = sparsify_model(nnx.clone(dense), 0.5, "sparsegpt", calibration=tokens)
@@ -251,13 +250,13 @@ def test_gptq_and_sparsegpt_under_a_mesh_match_one_device():
         sharded = shard_model(nnx.clone(dense), mesh)
         assert not sharded.blocks[0].mlp.up_proj.kernel.get_value().sharding.is_fully_replicated
         quantized = quantize_model(sharded, 8, method="gptq", calibration=batch)
+        logits = np.asarray(nnx.jit(lambda m, x: m(x))(shard_model(quantized, mesh), batch))
+    data_mesh = ps.make_mesh(data=8)
+    with jax.set_mesh(data_mesh):
+        batch = jax.device_put(tokens, ps.named_sharding(data_mesh, ("batch", "length")))
         pruned = sparsify_model(
-            shard_model(nnx.clone(dense), mesh), 0.5, "sparsegpt", calibration=batch
+            shard_model(nnx.clone(dense), data_mesh), 0.5, "sparsegpt", calibration=batch
         )
-        logits = {
-            name: np.asarray(nnx.jit(lambda m, x: m(x))(shard_model(m, mesh), batch))
-            for name, m in (("gptq", quantized), ("sparsegpt", pruned))
-        }
     # The first layers see the same inputs: the same result up to the order of
     # the Hessian's sum across devices (a rare tie may round the other way).
     for name in ("q_proj", "k_proj", "v_proj"):
@@ -266,11 +265,11 @@ def test_gptq_and_sparsegpt_under_a_mesh_match_one_device():
         flips = np.asarray(ours.raw_values()) != np.asarray(theirs.raw_values())
         assert flips.mean() < 0.002, name
         np.testing.assert_allclose(ours.scales, theirs.scales, rtol=1e-5)
-        ours = getattr(pruned.blocks[0].attention, name).kernel.get_value().merge()
-        theirs = getattr(single_s.blocks[0].attention, name).kernel.get_value()
-        assert np.mean(np.asarray(ours.mask()) != np.asarray(theirs.mask())) < 0.002, name
-    # And the whole compressed models agree.
-    for name, single in (("gptq", single_q), ("sparsegpt", single_s)):
-        expected = np.asarray(single(jnp.asarray(tokens)))
-        scale = np.abs(ref).max()
-        assert np.abs(logits[name] - expected).max() < 0.02 * scale, name
+    # Later ones too, but there a flipped rounding upstream moves the inputs.
+    ref, expected = np.asarray(dense(jnp.asarray(tokens))), single_q(jnp.asarray(tokens))
+    assert np.abs(logits - np.asarray(expected)).max() < 0.02 * np.abs(ref).max()
+    for path, w in kernels(pruned).items():
+        if path.startswith("blocks."):
+            theirs = kernels(single_s)[path]
+            assert np.mean(np.asarray(w.mask()) != np.asarray(theirs.mask())) < 0.002, path
+            np.testing.assert_allclose(w.todense(), theirs.todense(), atol=1e-4, rtol=1e-3)
