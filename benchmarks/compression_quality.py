@@ -113,8 +113,8 @@ def markdown_table(results: list[dict]) -> str:
             "-" if r["calibration"] == "-" else f"{r['calibration']} ({r['calibration_tokens']})"
         )
         lines.append(
-            f"| {'dense' if r['name'] == 'dense' else r['method']} | {r['weights']} | {calib} | {cell(r, 'ppl_docs')} "
-            f"| {cell(r, 'ppl_legal')} |"
+            f"| {'dense' if r['name'] == 'dense' else r['method']} | {r['weights']} | {calib} "
+            f"| {cell(r, 'ppl_docs')} | {cell(r, 'ppl_legal')} |"
         )
     return "\n".join(lines)
 
