@@ -95,15 +95,46 @@ def perplexity(model, seqs: np.ndarray, batch: int = 2) -> float:
     return float(np.exp(total / (seqs.shape[0] * (seqs.shape[1] - 1))))
 
 
+def markdown_table(results: list[dict]) -> str:
+    """The README table: perplexity and its change against the dense row."""
+    dense = next((r for r in results if r["name"] == "dense"), None)
+
+    def cell(r, key):
+        if dense is None or r is dense:
+            return f"{r[key]:.2f}"
+        return f"{r[key]:.2f} ({100 * (r[key] / dense[key] - 1):+.0f}%)"
+
+    lines = [
+        "| method | weights | calibration (tokens) | docs ppl | legal ppl |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        calib = (
+            "-" if r["calibration"] == "-" else f"{r['calibration']} ({r['calibration_tokens']})"
+        )
+        lines.append(
+            f"| {'dense' if r['name'] == 'dense' else r['method']} | {r['weights']} | {calib} "
+            f"| {cell(r, 'ppl_docs')} | {cell(r, 'ppl_legal')} |"
+        )
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="Hugging Face directory")
+    parser.add_argument("--model", help="Hugging Face directory")
+    parser.add_argument("--table", action="store_true", help="print OUT as a markdown table")
     parser.add_argument("--out", default="runs/compression_quality.jsonl")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-seqs", type=int, default=4)
     parser.add_argument("--calib-seqs", type=int, default=4)
     parser.add_argument("--only", default=None, help="comma-separated row names")
     args = parser.parse_args()
+    if args.table:
+        results = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line]
+        print(markdown_table(results))
+        return
+    if not args.model:
+        parser.error("--model DIR is required (a Hugging Face directory)")
 
     from tokenizers import Tokenizer
 
@@ -159,14 +190,19 @@ def main():
         ("gptq-w4-asym-actorder", "GPTQ act-order", "W4 g128 asym", "docs",
          q(4, "gptq", symmetric=False, act_order=True)),
     ]  # fmt: skip
-    only = set(args.only.split(",")) if args.only else None
+    if args.only:  # these rows, in this order
+        by_name = {row[0]: row for row in rows}
+        unknown = [name for name in args.only.split(",") if name not in by_name]
+        if unknown:
+            sys.exit(f"--only: unknown rows {unknown}; rows are {list(by_name)}")
+        rows = [by_name[name] for name in args.only.split(",")]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
     if out.exists():
         done = {json.loads(line)["name"] for line in out.read_text().splitlines() if line}
     for name, method, weights, calib, convert in rows:
-        if (only and name not in only) or name in done:
+        if name in done:
             continue
         start = time.perf_counter()
         try:

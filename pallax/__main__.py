@@ -37,6 +37,8 @@ CONVERT_METHODS = {
     "wanda": ("prune", True),
     "rtn": ("quantize", False),
     "lkd": ("quantize", True),
+    "sparsegpt": ("prune", True),
+    "gptq": ("quantize", True),
 }
 
 
@@ -133,10 +135,23 @@ def _build_parser() -> argparse.ArgumentParser:
         help="pruning or quantization method (default: --prune-method / --quant-method)",
     )
     convert.add_argument("--sparsity", type=float, help="fraction of weights to prune, e.g. 0.7")
-    convert.add_argument("--prune-method", default="magnitude", choices=("magnitude", "wanda"))
+    convert.add_argument(
+        "--prune-method", default="magnitude", choices=("magnitude", "wanda", "sparsegpt")
+    )
     convert.add_argument("--pattern", help="N:M pattern instead of unstructured, e.g. 2:4")
     convert.add_argument("--quantize", choices=("w8a8", "w8", "w4"), help="weight format")
-    convert.add_argument("--quant-method", default="rtn", choices=("rtn", "lkd"))
+    convert.add_argument("--quant-method", default="rtn", choices=("rtn", "lkd", "gptq"))
+    zero_points = convert.add_mutually_exclusive_group()
+    zero_points.add_argument(
+        "--asymmetric", dest="symmetric", action="store_false", default=None,
+        help="weights with zero points (default for w4)",
+    )  # fmt: skip
+    zero_points.add_argument(
+        "--symmetric", dest="symmetric", action="store_true", help="no zero points (w8 default)"
+    )
+    convert.add_argument(
+        "--act-order", action="store_true", help="gptq: inputs by decreasing activation energy"
+    )
     convert.add_argument("--group-size", type=int, default=128)
     convert.add_argument("--calibration-batches", type=int, default=4, help="of 4 sequences")
     convert.add_argument(
@@ -295,6 +310,8 @@ def _convert_method(args) -> str:
     if CONVERT_METHODS[method][0] != operation:
         flag = "--sparsity" if operation == "prune" else "--quantize"
         raise ValueError(f"--method {method} does not {operation}: it cannot go with {flag}")
+    if args.act_order and method != "gptq":
+        raise ValueError(f"--act-order needs the gptq method, got {method}")
     return method
 
 
@@ -320,6 +337,8 @@ def _compress(model, method: str, args, calibration=None, layers=None) -> None:
             calibration=calibration,
             group_size=args.group_size,
             layers=layers,
+            symmetric=args.symmetric,
+            act_order=args.act_order,
         )
 
 

@@ -231,44 +231,45 @@ def test_sparsegpt_model_prunes_2_4_and_beats_wanda_on_calibration():
 def test_gptq_and_sparsegpt_under_a_mesh_match_one_device():
     import jax
     from flax import nnx
+    from test_hf import TINY
 
     from pallax import sharding as ps
-    from pallax.models import quantize_model, shard_model, sparsify_model
+    from pallax.models import Transformer, quantize_model, shard_model, sparsify_model
 
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices")
-    from test_hf import TINY
-
-    from pallax.models import Transformer
-
     tokens = calibration_tokens(8, 16)
-    # int4 packs K in blocks of 128: a tensor shard needs whole blocks.
-    config = dataclasses.replace(TINY, embed_dim=256, mlp_dim=512, num_layers=1)
-    dense = Transformer(config, rngs=nnx.Rngs(2))
-    single_q = kernels(quantize_model(nnx.clone(dense), 4, method="gptq", calibration=tokens))
-    single_s = kernels(sparsify_model(nnx.clone(dense), 0.5, "sparsegpt", calibration=tokens))
-    mesh = ps.make_mesh(data=4, fsdp=2, tensor=1)
+    dense = Transformer(dataclasses.replace(TINY, num_layers=1), rngs=nnx.Rngs(2))
+    # 8 bits: with K = 64 an int4 weight (packed in blocks of 128) has no fsdp split.
+    single_q = quantize_model(nnx.clone(dense), 8, method="gptq", calibration=tokens)
+    single_s = sparsify_model(nnx.clone(dense), 0.5, "sparsegpt", calibration=tokens)
+    mesh = ps.make_mesh(data=4, fsdp=2)  # batch over 8 devices, weights over fsdp
     with jax.set_mesh(mesh):
         batch = jax.device_put(tokens, ps.named_sharding(mesh, ("batch", "length")))
-        assert len(batch.sharding.device_set) == 8 and not batch.sharding.is_fully_replicated
-        quantized = quantize_model(
-            shard_model(nnx.clone(dense), mesh), 4, method="gptq", calibration=batch
-        )
+        assert not batch.sharding.is_fully_replicated
+        sharded = shard_model(nnx.clone(dense), mesh)
+        assert not sharded.blocks[0].mlp.up_proj.kernel.get_value().sharding.is_fully_replicated
+        quantized = quantize_model(sharded, 8, method="gptq", calibration=batch)
+        logits = np.asarray(nnx.jit(lambda m, x: m(x))(shard_model(quantized, mesh), batch))
+    data_mesh = ps.make_mesh(data=8)
+    with jax.set_mesh(data_mesh):
+        batch = jax.device_put(tokens, ps.named_sharding(data_mesh, ("batch", "length")))
         pruned = sparsify_model(
-            shard_model(nnx.clone(dense), mesh), 0.5, "sparsegpt", calibration=batch
+            shard_model(nnx.clone(dense), data_mesh), 0.5, "sparsegpt", calibration=batch
         )
-        # The compressed models shard and run like any other.
-        for m in (quantized, pruned):
-            logits = nnx.jit(lambda m, x: m(x))(shard_model(m, mesh), batch)
-            assert np.isfinite(np.asarray(logits)).all()
-    for path, w in kernels(quantized).items():
-        if path.startswith("blocks."):
-            # The Hessian's sum runs in another order across devices: allow a
-            # rare tie to round the other way.
-            flips = np.asarray(w.raw_values()) != np.asarray(single_q[path].raw_values())
-            assert flips.mean() < 0.002, path
-            np.testing.assert_allclose(w.scales, single_q[path].scales, rtol=1e-4)
+    # The first layers see the same inputs: the same result up to the order of
+    # the Hessian's sum across devices (a rare tie may round the other way).
+    for name in ("q_proj", "k_proj", "v_proj"):
+        ours = getattr(quantized.blocks[0].attention, name).kernel.get_value()
+        theirs = getattr(single_q.blocks[0].attention, name).kernel.get_value()
+        flips = np.asarray(ours.raw_values()) != np.asarray(theirs.raw_values())
+        assert flips.mean() < 0.002, name
+        np.testing.assert_allclose(ours.scales, theirs.scales, rtol=1e-5)
+    # Later ones too, but there a flipped rounding upstream moves the inputs.
+    ref, expected = np.asarray(dense(jnp.asarray(tokens))), single_q(jnp.asarray(tokens))
+    assert np.abs(logits - np.asarray(expected)).max() < 0.02 * np.abs(ref).max()
     for path, w in kernels(pruned).items():
         if path.startswith("blocks."):
-            mask = np.asarray(w.todense() if isinstance(w, SparseWeight) else w.merge().todense())
-            assert np.mean(np.abs(mask - np.asarray(single_s[path].todense())) > 1e-4) < 0.002
+            theirs = kernels(single_s)[path]
+            assert np.mean(np.asarray(w.mask()) != np.asarray(theirs.mask())) < 0.002, path
+            np.testing.assert_allclose(w.todense(), theirs.todense(), atol=1e-4, rtol=1e-3)

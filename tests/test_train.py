@@ -434,6 +434,10 @@ def test_config_files_and_validation(tmp_path):
         (["train", "--stepz", "3"], "unrecognized arguments: --stepz"),
         (["generate", "--checkpoint", "nowhere", "--prompt", "x"], "'nowhere' not found"),
         (["convert", "--checkpoint", "nowhere", "--out", "x"], "nothing to do"),
+        (
+            ["convert", "--checkpoint", "x", "--out", "y", "--quantize", "w4", "--act-order"],
+            "--act-order needs --quant-method gptq",
+        ),
         (["train", "--data", "no-such-file.txt"], "training data 'no-such-file.txt' not found"),
     ],
 )
@@ -449,7 +453,11 @@ def test_cli_train_convert_generate(tmp_path):
     trained = run_cli(["train", *SMALL_FLAGS, "--steps", "3", "--out", str(run)])
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (run / "checkpoints" / "3").is_dir()
-    for name, flags in (("sparse", ["--sparsity", "0.7"]), ("w4", ["--quantize", "w4"])):
+    for name, flags in (
+        ("sparse", ["--sparsity", "0.7"]),
+        ("w4", ["--quantize", "w4"]),
+        ("gptq", ["--quantize", "w4", "--quant-method", "gptq", "--act-order"]),
+    ):
         converted = run_cli(["convert", "--checkpoint", str(run), "--out", str(tmp_path / name),
                              *flags])  # fmt: skip
         assert converted.returncode == 0, converted.stderr[-3000:]

@@ -21,6 +21,7 @@ changes the real entries. Each layer is one jit-compiled function
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -117,13 +118,17 @@ def _check_layer(w, h, name):
         )
 
 
-def _replicated(a):
-    """The whole array on every device of the active mesh (the column loop is serial)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    a = jnp.asarray(a)
-    if mesh.empty:
-        return a
-    return jax.sharding.reshard(a, jax.sharding.PartitionSpec())
+@contextlib.contextmanager
+def _one_device():
+    """Under a mesh, runs the enclosed (serial) column loop once, on this
+    process's first device, instead of on every device; yields a function that
+    moves an array there."""
+    if jax.sharding.get_abstract_mesh().empty:
+        yield jnp.asarray
+        return
+    device = jax.local_devices()[0]
+    with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("one",))):
+        yield lambda a: jax.device_put(a, jax.sharding.SingleDeviceSharding(device))
 
 
 def _pad_problem(w, h, kp, np_):
@@ -254,8 +259,9 @@ def gptq(w: jax.Array, h: jax.Array, config: GPTQConfig = GPTQConfig()) -> Quant
     k, n = w.shape
     kp = _round_up(k, max(config.group_size, PACK_BLOCK))
     np_ = _round_up(n, PACK_BLOCK)
-    w_t, h = _pad_problem(_replicated(w), _replicated(h), kp, np_)
-    values, scales, zeros, finite = _gptq_core(w_t, h, config, k)
+    with _one_device() as put:
+        w_t, h = _pad_problem(put(w), put(h), kp, np_)
+        values, scales, zeros, finite = _gptq_core(w_t, h, config, k)
     if not bool(finite):
         raise ValueError(
             f"gptq: the dampened Hessian of a [{k}, {n}] layer is not positive definite "
@@ -343,13 +349,14 @@ def sparsegpt(
         raise ValueError(f"in_features={k} is not divisible by the {config.pattern} group")
     kp = _round_up(k, config.block_size)
     np_ = _round_up(n, PACK_BLOCK)
-    w_t, h = _pad_problem(_replicated(w), _replicated(h), kp, np_)
-    w_t, pruned, finite = _sparsegpt_core(w_t, h, config, k, n)
+    with _one_device() as put:
+        w_t, h = _pad_problem(put(w), put(h), kp, np_)
+        w_t, pruned, finite = _sparsegpt_core(w_t, h, config, k, n)
+        dense = np.asarray(w_t[:n, :k].T).astype(w.dtype)
+        keep = ~np.asarray(pruned[:n, :k].T)
     if not bool(finite):
         raise ValueError(
             f"sparsegpt: the dampened Hessian of a [{k}, {n}] layer is not positive definite "
             f"(damp={config.damp}); raise damp or use more calibration tokens"
         )
-    dense = np.asarray(w_t[:n, :k].T).astype(w.dtype)
-    keep = ~np.asarray(pruned[:n, :k].T)
     return SparseWeight.from_dense(np.where(keep, dense, np.zeros((), dense.dtype)), mask=keep)
