@@ -311,7 +311,7 @@ def _convert_method(args) -> str:
         flag = "--sparsity" if operation == "prune" else "--quantize"
         raise ValueError(f"--method {method} does not {operation}: it cannot go with {flag}")
     if args.act_order and method != "gptq":
-        raise ValueError(f"--act-order needs the gptq method, got {method}")
+        raise ValueError(f"--act-order needs --quant-method gptq, got {method}")
     return method
 
 
