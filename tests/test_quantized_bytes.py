@@ -20,7 +20,7 @@ from pallax.pallas_kernels import QuantMatmulConfig, quantize, quantized_matmul
 
 MAX_RATIO = 1.15
 _TENSOR = re.compile(r"tensor<([0-9x]*)x?([a-z]+[0-9]+)>")
-_ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4, "i8": 1, "ui8": 1, "i16": 2}
+_ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4, "ui32": 4, "i8": 1, "ui8": 1, "i16": 2}
 
 
 def mosaic_call_bytes(module_text: str) -> int:
@@ -92,3 +92,25 @@ def test_decode_reads_scales_as_stored_without_an_xla_transpose(symmetric):
     operands = call[call.rindex(" : (") : call.rindex("->")]
     assert operands.count("tensor<4096x32xf32>") == (1 if symmetric else 2)
     assert "stablehlo.transpose" not in text.split("custom_call @mosaic_gpu")[0]
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("k, n", [(4096, 4096), (4096, 14336)])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_sparse_decode_moves_at_most_1_15x_its_ideal_bytes(sparsity, m, k, n):
+    """The same bound for the sparse kernel: the format's bytes (bf16 nonzeros,
+    bitmap, quarter-tile offsets) + x + y; split-K partials and token padding
+    are what could push it over."""
+    from benchmarks.weights import random_sparse_weight
+    from pallax.pallas_kernels import sparse_matmul
+
+    w = jax.eval_shape(
+        functools.partial(random_sparse_weight, in_features=k, out_features=n, sparsity=sparsity),
+        jax.random.key(0),
+    )
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    run = functools.partial(sparse_matmul, implementation="mosaic")
+    moved = mosaic_call_bytes(testing.lower_for_cuda(run, x, w).mlir_module())
+    weight = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(w))
+    ratio = moved / (weight + 2 * m * k + 2 * m * n)
+    assert ratio <= MAX_RATIO, f"{sparsity:.0%} M={m} {k}x{n} moves {ratio:.2f}x its ideal bytes"

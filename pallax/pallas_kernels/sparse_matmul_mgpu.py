@@ -88,6 +88,11 @@ BITS_UNROLL = 8
 BITS_DECODE_MAX_DENSITY = 0.25
 
 
+# Default split-K: fp32 partials (written by the kernel, summed by XLA) at most
+# this fraction of the weight's bytes, so decode stays within ~1.1x its ideal bytes.
+MAX_PARTIAL_FRACTION = 0.1
+
+
 @dataclasses.dataclass(frozen=True)
 class SpmmConfig:
     """Tile sizes. ``block_m=None``: tokens rounded up to 8, at most 128 per CTA."""
@@ -143,12 +148,19 @@ class SpmmConfig:
     def block_m_for(self, m: int) -> int:
         return self.block_m or min(128, -(-m // 8) * 8)
 
-    def splits_for(self, output_tiles: int, k_tiles: int) -> int:
+    def splits_for(
+        self, output_tiles: int, k_tiles: int, split_bytes: int = 0, weight_bytes: int = 0
+    ) -> int:
+        """Split-K factor. ``split_bytes``: the fp32 partial sums one more split
+        writes (and XLA reads back); by default they stay within
+        ``MAX_PARTIAL_FRACTION`` of the ``weight_bytes`` the kernel streams."""
         if self.k_splits is not None:
             return max(1, min(self.k_splits, k_tiles))
         # Keep >= 4 tiles per split so the rings have something to overlap, and
         # <= 255 so a CTA's offsets fit one TMA box.
         splits = max(1, min(cdiv(self.target_ctas, output_tiles), k_tiles // 4 or 1))
+        if split_bytes:  # a 90%-sparse weight is small: partials must not rival it
+            splits = max(1, min(splits, int(MAX_PARTIAL_FRACTION * weight_bytes) // split_bytes))
         return max(splits, cdiv(k_tiles, 255))
 
 
@@ -769,7 +781,10 @@ def matmul(x, w, *, config: SpmmConfig | None = None):
     # bytes; otherwise a chunk is several TMA boxes, each arriving on its barrier
     # (value_chunk=256 is one box, as before issue 13).
     bulk_values = chunk > TMA_BOX and values.shape[0] * values.dtype.itemsize % 16 == 0
-    splits = config.splits_for(n_tiles * (mp // block_m), k_tiles)
+    weight_bytes = sum(a.size * a.dtype.itemsize for a in (w.values, w.bitmap, w.tile_offsets))
+    splits = config.splits_for(
+        n_tiles * (mp // block_m), k_tiles, n_tiles * TILE * mp * 4, weight_bytes
+    )
     tiles_per_split = cdiv(k_tiles, splits)
     splits = cdiv(k_tiles, tiles_per_split)
     # A short last split's table copy reads past the end: TMA zero-fills it (unused).
