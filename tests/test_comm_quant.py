@@ -273,6 +273,15 @@ def test_quantized_training_tracks_full_precision_and_resumes_exactly(tmp_path):
     tail = [r["loss"] for r in resumed.fit() if "loss" in r]
     resumed.close()
     np.testing.assert_allclose(tail, int4[2:], rtol=1e-6)
+    # The references are optimizer state: resuming without them is named, not an Orbax error.
+    with pytest.raises(ValueError, match=r"saved with comm_weight_diff=True.*--comm-weight-diff"):
+        Trainer(
+            small_config(**INT8, checkpoint_every=2),
+            mesh=_four_devices(),
+            output_dir=tmp_path,
+            progress=False,
+            log=lambda *_: None,
+        )
 
 
 def test_gradient_accumulation_with_quantized_communication():

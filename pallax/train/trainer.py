@@ -462,6 +462,15 @@ class Trainer:
         template = lambda tree: jax.tree.map(  # noqa: E731
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree
         )
+        saved_config = self.checkpointer.meta(step)["config"]
+        # The SDP4Bit reference copies live in the optimizer state: its layout differs.
+        saved_diff = bool(saved_config.get("comm_weight_diff", False))
+        if saved_diff != self.comm.weight_diff:
+            raise ValueError(
+                f"checkpoint in {self.checkpointer.directory} was saved with "
+                f"comm_weight_diff={saved_diff}, this run has comm_weight_diff="
+                f"{self.comm.weight_diff}: resume with the same --comm-weight-diff setting"
+            )
         params, opt_state, meta = self.checkpointer.restore(
             step, template(self.params), template(self.opt_state)
         )
