@@ -72,6 +72,15 @@ def sparse_specs(w: SparseShards, fsdp: int) -> SparseShards:
     return dataclasses.replace(specs, stacked=dataclasses.replace(specs.stacked, values=values))
 
 
+def _check_sparse_split(w: SparseShards, out_axis: str) -> None:
+    expected = "out" if out_axis == TENSOR else "in"
+    if w.split != expected:
+        raise ValueError(
+            f"this linear splits {expected}_features over tensor, but the sparse weight "
+            f"was split along {w.split!r}: use split_sparse(w, tensor, {expected!r})"
+        )
+
+
 def _linear_parts(w, out_axis, in_axis, mesh):
     """(weight spec, in-dim axis of the stored layout, local matmul, padded dims) for ``w``.
 
@@ -81,12 +90,7 @@ def _linear_parts(w, out_axis, in_axis, mesh):
     hold one independently packed bitmap weight per tensor shard.
     """
     if isinstance(w, SparseShards):
-        expected = "out" if out_axis == TENSOR else "in"
-        if w.split != expected:
-            raise ValueError(
-                f"this linear splits {expected}_features over tensor, but the sparse weight "
-                f"was split along {w.split!r}: use split_sparse(w, tensor, {expected!r})"
-            )
+        _check_sparse_split(w, out_axis)
         local = w.stacked
         k_local, n_local = local.in_features, local.out_features
         num = local.values.shape[0]
@@ -131,6 +135,8 @@ def _check_linear(x, w, mesh, out_axis: str, in_axis: str, what: str):
     check_array("x", x)
     if x.ndim != 3:
         raise ValueError(f"{what}: x must be [batch, length, in], got shape {x.shape}")
+    if isinstance(w, SparseShards):
+        _check_sparse_split(w, out_axis)  # the likelier mistake than a shape mismatch
     if isinstance(w, SparseShards | QuantizedWeight):
         k, n = w.shape
     else:
