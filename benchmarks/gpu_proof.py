@@ -68,6 +68,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import inspect
 import json
 import os
 import re
@@ -216,31 +217,43 @@ class Recorder:
 _LOWERED: list[dict] = []
 
 
-def install_smem_hook() -> None:
+def install_smem_hook():
     """Records grid, block and dynamic shared memory of every Mosaic GPU kernel
     lowered in this process (jax 0.11.2: Pallas lowers through
-    ``mosaic.gpu.core._lower_as_gpu_kernel``; ptxas only sees static smem)."""
+    ``mosaic.gpu.core._lower_as_gpu_kernel``, passing most arguments by keyword;
+    ptxas only sees static smem). Returns a function that removes the hook."""
     try:
         from jax.experimental.mosaic.gpu import core as mgpu_core
     except Exception:  # noqa: BLE001 - no Mosaic GPU: nothing to record
-        return
+        return lambda: None
     original = mgpu_core._lower_as_gpu_kernel
     if getattr(original, "_pallax_hook", False):
-        return
+        return lambda: None
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
-    def hooked(body, grid, cluster, block, in_shapes, out_shape, inout_shape, smem, *a, **kw):
+    def hooked(*args, **kwargs):
         try:
-            smem_bytes = mgpu_core._smem_tree_size(smem)
-        except Exception:  # noqa: BLE001 - report what we can
-            smem_bytes = None
-        _LOWERED.append({"grid": list(grid), "block": list(block), "smem_dynamic": smem_bytes})
-        return original(
-            body, grid, cluster, block, in_shapes, out_shape, inout_shape, smem, *a, **kw
-        )
+            bound = signature.bind(*args, **kwargs).arguments
+            smem_bytes = mgpu_core._smem_tree_size(bound["smem_scratch_shape"])
+            _LOWERED.append(
+                {
+                    "grid": list(bound["grid"]),
+                    "block": list(bound["block"]),
+                    "smem_dynamic": smem_bytes,
+                }
+            )
+        except Exception:  # noqa: BLE001 - recording must never break a lowering
+            _LOWERED.append({"grid": None, "block": None, "smem_dynamic": None})
+        return original(*args, **kwargs)
 
     hooked._pallax_hook = True
     mgpu_core._lower_as_gpu_kernel = hooked
+
+    def uninstall():
+        mgpu_core._lower_as_gpu_kernel = original
+
+    return uninstall
 
 
 @dataclasses.dataclass
@@ -1306,7 +1319,14 @@ def orchestrate_in_process(steps, out: Path, dry: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.update({OUT_ENV: str(out), DRY_ENV: "1" if dry else "0"})
     os.environ.pop(WORK_ENV, None)
-    install_smem_hook()
+    uninstall_hook = install_smem_hook()
+    try:
+        return _orchestrate_in_process(steps, out, dry)
+    finally:
+        uninstall_hook()  # the test process goes on lowering kernels of its own
+
+
+def _orchestrate_in_process(steps, out: Path, dry: bool) -> dict:
     results = {"dry_run": dry, "budget_s": None, "steps": {}}
     for step in steps:
         print(f"\n===== step {step.name}: {step.what} (in process) =====", flush=True)

@@ -371,3 +371,26 @@ def test_optional_command_steps_call_the_benchmarks_with_valid_flags(monkeypatch
     assert config is generation.ONE_B and new == 64 and variants[0] == "dense"
     gpu_proof.step_train(gpu_proof.Recorder("train"))
     assert timing.rotation_copies(1000, 10**6, max_copies=3) == 3
+
+
+def test_smem_hook_records_a_real_lowering_and_comes_off():
+    """The resource report's hook wraps Mosaic GPU's lowering, which jax 0.11.2
+    calls with keyword arguments: it must record grid / block / dynamic smem and
+    still lower (a positional-only wrapper broke every later kernel lowering)."""
+    from jax.experimental.mosaic.gpu import core as mgpu_core
+
+    from pallax.pallas_kernels import quantized_matmul
+    from pallax.testing import lower_for_cuda
+
+    original = mgpu_core._lower_as_gpu_kernel
+    before = len(gpu_proof._LOWERED)
+    uninstall = gpu_proof.install_smem_hook()
+    try:
+        qw = jax.eval_shape(lambda w: quantize(w, bits=4), jnp.zeros((256, 256), jnp.float32))
+        x = jax.ShapeDtypeStruct((16, 256), jnp.bfloat16)
+        lower_for_cuda(lambda x, w: quantized_matmul(x, w, implementation="mosaic"), x, qw)
+        (row,) = gpu_proof._LOWERED[before:]
+        assert row["smem_dynamic"] > 0 and len(row["grid"]) == 3 and row["block"][0] % 128 == 0
+    finally:
+        uninstall()
+    assert mgpu_core._lower_as_gpu_kernel is original
