@@ -47,12 +47,13 @@ def mixed_model(sparse: bool) -> Transformer:
         if path.endswith(("k_proj", "v_proj")):
             w = layer.kernel.get_value()
             layer.kernel.set_value(quantize(w, 4, 32, symmetric=not sparse))
-    quantize_model(model, 4, layers=lambda p, _: p.endswith("o_proj"))
+    # W4 defaults to zero points; the model transformers loads must be symmetric.
+    quantize_model(model, 4, symmetric=not sparse, layers=lambda p, _: p.endswith("o_proj"))
     quantize_model(model, 8, layers=lambda p, _: p.endswith("q_proj"))
     if sparse:
         sparsify_model(model, 0.6, layers=lambda p, _: ".mlp." in p)
     else:
-        quantize_model(model, 4, group_size=32, layers=lambda p, _: ".mlp." in p)
+        quantize_model(model, 4, group_size=32, symmetric=True, layers=lambda p, _: ".mlp." in p)
     return model
 
 

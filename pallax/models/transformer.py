@@ -545,8 +545,9 @@ def shard_model(model: nnx.Module, mesh) -> nnx.Module:
             out_axis, in_axis = (ps.TENSOR, ps.FSDP) if column else (ps.FSDP, ps.TENSOR)
             groups = w.scales.shape[1]
             shard_inputs = groups // mesh.shape[in_axis] * w.group_size
-            # int4 packs nibbles in blocks of PACK_BLOCK inputs: a shard must hold whole blocks.
-            split_block = w.bits == 4 and shard_inputs % PACK_BLOCK
+            # int4 packs nibbles in blocks of PACK_BLOCK inputs: a tensor shard (computed
+            # on as it is; fsdp shards are gathered first) must hold whole blocks.
+            split_block = w.bits == 4 and in_axis == ps.TENSOR and shard_inputs % PACK_BLOCK
             if (
                 w.values.shape[0] % mesh.shape[out_axis]
                 or groups % mesh.shape[in_axis]
