@@ -184,27 +184,18 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _checkpoint_dir(path: str) -> Path:
-    """Accepts a run directory (holding ``checkpoints/``) or the checkpoints directory."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        return path / "checkpoints"
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {str(path)!r} not found")
-    return path
-
-
 def _train(args) -> None:
     from pallax import sharding as ps
     from pallax.train import Trainer, load_config, load_model, preset_config
     from pallax.train.config import from_dict, to_dict
+    from pallax.train.sources import checkpoint_dir
 
     ps.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     model = None
     if args.config:
         config = load_config(args.config)
     elif args.init_from:
-        model, meta = load_model(_checkpoint_dir(args.init_from))
+        model, meta = load_model(checkpoint_dir(args.init_from))
         config = from_dict(meta["config"])
     else:
         config = preset_config(args.preset or "tiny")

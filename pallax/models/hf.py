@@ -326,14 +326,9 @@ def _int_if_integral(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
 
 
-def _family_config_to_hf(config: TransformerConfig, family: str) -> dict:
-    windows = [config.window(i) for i in range(config.num_layers)]
-    local = sorted({w for w in windows if w is not None})
-    if len(local) > 1:
-        raise ValueError(f"{family} has one sliding window for all local layers, got {local}")
-    hf = {
-        "architectures": [next(a for a, f in FAMILIES.items() if f == family)],
-        "model_type": _MODEL_TYPES[family],
+def _shape_to_hf(config: TransformerConfig) -> dict:
+    """The ``config.json`` fields every family writes the same way."""
+    return {
         "vocab_size": config.vocab_size,
         "hidden_size": config.embed_dim,
         "num_hidden_layers": config.num_layers,
@@ -342,11 +337,23 @@ def _family_config_to_hf(config: TransformerConfig, family: str) -> dict:
         "head_dim": config.dim_per_head,
         "intermediate_size": config.mlp_dim,
         "rms_norm_eps": config.norm_eps,
-        "sliding_window": local[0] if local else None,
-        "layer_types": ["full_attention" if w is None else "sliding_attention" for w in windows],
         "tie_word_embeddings": config.tie_embeddings,
         "max_position_embeddings": 32768,
         "torch_dtype": "float32",
+    }
+
+
+def _family_config_to_hf(config: TransformerConfig, family: str) -> dict:
+    windows = [config.window(i) for i in range(config.num_layers)]
+    local = sorted({w for w in windows if w is not None})
+    if len(local) > 1:
+        raise ValueError(f"{family} has one sliding window for all local layers, got {local}")
+    hf = {
+        "architectures": [next(a for a, f in FAMILIES.items() if f == family)],
+        "model_type": _MODEL_TYPES[family],
+        **_shape_to_hf(config),
+        "sliding_window": local[0] if local else None,
+        "layer_types": ["full_attention" if w is None else "sliding_attention" for w in windows],
     }
     rope = {"rope_type": "default", "rope_theta": config.rope_theta}
     rope.update(_rope_scaling_to_hf(config.rope_scaling) or {})
@@ -399,21 +406,11 @@ def _llama_config_to_hf(config: TransformerConfig) -> dict:
     return {
         "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
         "model_type": "mistral" if mistral else "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.embed_dim,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.dim_per_head,
-        "intermediate_size": config.mlp_dim,
+        **_shape_to_hf(config),
         "rope_theta": config.rope_theta,
         "rope_scaling": _rope_scaling_to_hf(config.rope_scaling),
-        "rms_norm_eps": config.norm_eps,
         "sliding_window": config.sliding_window,
-        "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",
-        "max_position_embeddings": 32768,
-        "torch_dtype": "float32",
     }
 
 
