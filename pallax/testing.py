@@ -6,6 +6,13 @@
   ``jax.export``, so unsupported ops, bad tile shapes and shared-memory
   overflow are caught on CPU.
 
+jax 0.11.2's interpreter has no TMA reductions (``copy_smem_to_gmem(...,
+reduction_op=...)``, ``cp.reduce.async.bulk``). Importing this module teaches
+it ``"add"``, ``"min"`` and ``"max"``: the destination window is read, combined
+with the SMEM source and written back under one lock, so concurrent CTAs
+reducing into the same GMEM tile behave as the hardware's L2 atomics do (in
+some order, each update whole).
+
 Both pretend to be an H100 through an abstract mesh; kernels must not query the
 real device at trace time.
 """
@@ -13,8 +20,11 @@ real device at trace time.
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 
 import jax
+import numpy as np
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 from jax._src.pallas.mosaic_gpu.interpret.params import (
     InterpretGPUParams,
@@ -73,3 +83,118 @@ def lower_for_cuda(fn, *args, mesh=None, **kwargs) -> jax.export.Exported:
             platforms=["cuda"],
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")],
         )(*args)
+
+
+# ----------------------------------------------------------------------------
+# TMA reductions in GPU interpret mode
+# ----------------------------------------------------------------------------
+
+_REDUCTIONS = {"add": np.add, "min": np.minimum, "max": np.maximum}
+_reduce_lock = threading.Lock()
+
+
+class _AsyncReduceSmemToGmemTask(gpu_callbacks.AsyncCopySmemToGmemTask):
+    """A SMEM -> GMEM TMA store that combines with the destination (``reduction_op``)."""
+
+    def __init__(self, *args, combine, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.combine = combine
+
+    def __call__(self, tma_thread_id: int):
+        shared_memory = gpu_callbacks._get_shared_memory()
+        self.pre_read(tma_thread_id, shared_memory)
+        val, _, _ = shared_memory.get_buffer_content(
+            self.src_allocation_key, self.src_access, self.thread, logging_info=self.logging_info
+        )
+        if val is None or val.shape != self.src_access.shape:
+            raise IndexError(
+                f"Out-of-bounds TMA reduction from {self.src_allocation_key}: "
+                f"reading [{self.src_access}]"
+            )
+        self.post_read(tma_thread_id, shared_memory)
+        dst_shape = tuple(shared_memory.buffer_shape_and_dtype(self.dst_allocation_key).shape)
+        store = gpu_callbacks._clip_store_to_shape(self.dst_access, val, dst_shape)
+        if store is not None:
+            access, val = store
+            with _reduce_lock:  # read-modify-write is one atomic update
+                old, _, _ = shared_memory.get_buffer_content(
+                    self.dst_allocation_key, access, self.thread, logging_info=self.logging_info
+                )
+                new = self.combine(old, val.astype(old.dtype)).astype(old.dtype)
+                shared_memory.store_buffer_content(
+                    self.dst_allocation_key,
+                    access,
+                    new,
+                    self.thread,
+                    logging_info=self.logging_info,
+                )
+        self.post_write(tma_thread_id, shared_memory)
+
+
+@gpu_callbacks.fail_on_exception
+def _reduce_smem_to_gmem(
+    *,
+    token,
+    mesh_location,
+    thread,
+    src_allocation_key_as_array,
+    src_transforms,
+    dst_allocation_key_as_array,
+    dst_transforms,
+    predicate,
+    source_info,
+    commit_group,
+    reduction_op,
+):
+    del commit_group  # As upstream's copy: groups are not modelled.
+    if reduction_op not in _REDUCTIONS:
+        raise NotImplementedError(
+            f"pallax.testing: TMA reduction_op={reduction_op!r} is not simulated; "
+            f"supported: {sorted(_REDUCTIONS)}"
+        )
+    if predicate is not None:
+        raise NotImplementedError("pallax.testing: predicated TMA reductions are not simulated")
+    key = gpu_callbacks.HostAllocationKey
+    src_key = key.from_array(src_allocation_key_as_array)
+    dst_key = key.from_array(dst_allocation_key_as_array)
+    noop = gpu_callbacks._remove_noop_transforms
+    shared_memory = gpu_callbacks._get_shared_memory()
+    clock = shared_memory.incr_clock(thread) if shared_memory.detect_races else None
+    task = _AsyncReduceSmemToGmemTask(
+        mesh_location=mesh_location,
+        thread=thread,
+        src_allocation_key=src_key,
+        src_access=shared_memory.access(src_key, jax.tree.map(int, noop(src_transforms))),
+        dst_allocation_key=dst_key,
+        dst_access=shared_memory.access(dst_key, jax.tree.map(int, noop(dst_transforms))),
+        source_info=source_info,
+        clock=clock,
+        combine=_REDUCTIONS[reduction_op],
+    )
+    shared_memory.execute_async_task(task)
+    return token
+
+
+def _copy_smem_to_gmem_with_reductions(original, **kwargs):
+    if kwargs.get("reduction_op") is None:
+        return original(**kwargs)
+    return _reduce_smem_to_gmem(**kwargs)
+
+
+def _install_tma_reductions():
+    original = gpu_callbacks.copy_smem_to_gmem
+    if getattr(original, "_pallax_reductions", False):
+        return
+    patched = functools.wraps(original)(
+        functools.partial(_copy_smem_to_gmem_with_reductions, original)
+    )
+    patched._pallax_reductions = True
+    gpu_callbacks.copy_smem_to_gmem = patched
+
+
+def tma_reductions_simulated() -> bool:
+    """Whether GPU interpret mode runs ``copy_smem_to_gmem(..., reduction_op=...)``."""
+    return getattr(gpu_callbacks.copy_smem_to_gmem, "_pallax_reductions", False)
+
+
+_install_tma_reductions()
