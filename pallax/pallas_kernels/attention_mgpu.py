@@ -60,7 +60,7 @@ from pallax.pallas_kernels._mgpu import (
 NUM_COMPUTE_WGS = 2  # Two consumer warpgroups per CTA, ping-ponged as in FA3.
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
-MAX_BACKWARD_HEAD_DIM = 128  # head_dim 256 backward would need 280 KB of SMEM.
+MAX_BACKWARD_HEAD_DIM = 256  # 256: attention_backward_wide_mgpu (head-dim split).
 
 
 P_OPERANDS = ("registers", "smem")
