@@ -96,6 +96,9 @@ MOSAIC_CASES = [
     (1, 384, 384, 2, 2, 64, True, None, jnp.bfloat16),
     # Window with fully masked rows (q beyond kv + right).
     (1, 160, 64, 2, 2, 64, False, (3, 1), jnp.bfloat16),
+    # head_dim 256 (the head-dim-split backward kernels): causal over several
+    # tiles (masked and unmasked steps), GQA 2:1, q/kv padding.
+    (1, 190, 190, 4, 2, 256, True, None, jnp.bfloat16),
 ]
 
 
@@ -255,6 +258,8 @@ def soft_capped_reference(q, k, v, *, scale, cap, left, right):
 SOFT_CAP_CASES = [
     (1, 200, 200, 4, 2, 64, True, (40, 0), jnp.bfloat16),
     (1, 130, 150, 2, 1, 64, False, None, jnp.float16),
+    # Gemma 2-like head_dim 256 (head-dim-split backward): two-sided window, MQA.
+    (1, 96, 160, 2, 1, 256, False, (16, 8), jnp.float16),
 ]
 
 
@@ -311,3 +316,16 @@ def test_bad_logits_soft_cap_raises(cap):
     q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="logits_soft_cap"):
         dot_product_attention(q, q, q, logits_soft_cap=cap)
+
+
+def test_head_dim_256_backward_refuses_tiles_that_overflow_smem():
+    """The head_dim-256 backward checks its SMEM before tracing (128-query tiles
+    would need 258 KiB in dQ) and names the fields; the forward alone is unaffected."""
+    q = jax.ShapeDtypeStruct((1, 128, 2, 256), jnp.bfloat16)
+    config = AttentionConfig(block_kv=64, block_q_bwd=128)
+    attend = functools.partial(dot_product_attention, implementation="mosaic", config=config)
+    loss = lambda q, k, v: attend(q, k, v).astype(jnp.float32).sum()  # noqa: E731
+    with jax.sharding.use_abstract_mesh(testing.h100_abstract_mesh()):
+        jax.eval_shape(attend, q, q, q)
+        with pytest.raises(ValueError, match=r"block_q_bwd=128.*258 KiB of shared memory.*dQ"):
+            jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), q, q, q)

@@ -92,7 +92,7 @@ def smem_bytes(config: AttentionConfig, dtype, p_operand: str) -> dict[str, int]
         + 2 * slots * bq * 4  # lse and delta rings
         + staging
     )
-    return {"dq": dq, "dkv": dkv}
+    return {"dQ": dq, "dK/dV": dkv}
 
 
 def check_config(config: AttentionConfig, dtype, p_operand: str) -> None:
