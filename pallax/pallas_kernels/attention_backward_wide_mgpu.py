@@ -13,11 +13,12 @@ contracts over head_dim is two wgmmas into one accumulator and a product that
 produces one half of head_dim reads one half tile.
 
 Why each warpgroup recomputes S and dP in full (contracting over all 256 of
-head_dim) rather than splitting them by query halves and exchanging P/dS
-through SMEM (FA3's hd-256 layout): per step of ``bq`` queries x 64 keys, a
-"GEMM unit" being ``64 x bq x 256`` MACs, the useful work is 4 units in dK/dV
-(S^T, dP^T, dV, dK) and 3 in dQ (S, dP, dQ); recomputing S and dP in both
-warpgroups costs 6 units in each kernel (1.5x and 2x the tensor-core work).
+head_dim) rather than splitting them by query (or key) halves and exchanging
+P/dS through SMEM: per step of ``bq`` queries x ``bk`` keys, a "GEMM unit"
+being ``bq x bk x 256`` MACs, the useful work is 4 units in dK/dV (S^T, dP^T,
+dV, dK) and 3 in dQ (S, dP, dQ); recomputing S and dP in both warpgroups
+executes 6 units in dK/dV (1.5x) and 5 in dQ (1.67x): 11 per tile pair where
+the hd <= 128 kernels execute 7 and a fused FA3-style backward 5.
 The exchange would avoid that, but P^T/dS^T then cross warpgroups, so the
 second GEMM of each pair must read its A operand from SMEM (no register A
 operands, no in-place accumulation), and every step needs two fenced stores
