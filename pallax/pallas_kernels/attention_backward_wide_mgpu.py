@@ -21,12 +21,18 @@ executes 6 units in dK/dV (1.5x) and 5 in dQ (1.67x): 11 per tile pair where
 the hd <= 128 kernels execute 7 and a fused FA3-style backward 5.
 The exchange would avoid that, but P^T/dS^T then cross warpgroups, so the
 second GEMM of each pair must read its A operand from SMEM (no register A
-operands, no in-place accumulation), and every step needs two fenced stores
-and two cross-warpgroup barrier round trips on the critical path. We take the
+operands, no in-place accumulation), every step needs fenced stores and two
+cross-warpgroup barrier round trips on the critical path, and S^T/dP^T shrink
+to N = 32 wgmmas, which read more operand bytes per FLOP. Counting the SMEM
+that wgmma operands and TMA move per dK/dV step (64 x 64, the CTA): here
+2 x (64+64 KiB for S^T, dP^T + 16+16 KiB for the dO/Q halves) + 64 KiB of
+Q/dO loads = 384 KiB, 3072 clk at 128 B/clk against 3072 clk of MMA; with
+the exchange 368 KiB (2944 clk) against 2048 clk of MMA: bound by the same
+SMEM bandwidth to within 5%, plus the synchronisation. So we take the
 redundant, synchronisation-free structure: each warpgroup's step is exactly
 the hd-128 kernel's step (register A operands on the GPU, one wgmma wait per
-GEMM pair) with S/dP contracting over 256 instead of 128. The tensor-core
-price is predicted in ``benchmarks/RESULTS.md`` (issue 13 section).
+GEMM pair) with S/dP contracting over 256 instead of 128. Predicted costs:
+``benchmarks/RESULTS.md`` ("attention backward at head_dim 256").
 
 Budgets (predictions from tile arithmetic, as in ``attention_mgpu``; a
 ``R x C`` fp32 tile held by one warpgroup costs ``R * C / 128`` registers per
