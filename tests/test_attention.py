@@ -1,5 +1,6 @@
 """dot_product_attention against jax.nn.dot_product_attention (an independent reference)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -329,3 +330,24 @@ def test_head_dim_256_backward_refuses_tiles_that_overflow_smem():
         jax.eval_shape(attend, q, q, q)
         with pytest.raises(ValueError, match=r"block_q_bwd=128.*258 KiB of shared memory.*dQ"):
             jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), q, q, q)
+
+
+def test_head_dim_256_backward_uses_register_operands_on_gpu():
+    """At head_dim 256 the backward kernels take dS / P^T / dS^T to wgmma from registers
+    on the GPU (one in-place ``run_state`` per loop phase of dQ and dK/dV, no staging
+    fence) and stage them in SMEM with ``p_operand="smem"``, as at hd <= 128."""
+    q = jax.ShapeDtypeStruct((1, 128, 2, 256), jnp.bfloat16)
+
+    def backward_jaxpr(p_operand):
+        config = dataclasses.replace(AttentionConfig.for_head_dim(256), p_operand=p_operand)
+        attend = functools.partial(
+            dot_product_attention, is_causal=True, implementation="mosaic", config=config
+        )
+        with jax.sharding.use_abstract_mesh(testing.h100_abstract_mesh()):
+            return str(jax.make_jaxpr(lambda q, k, v: jax.vjp(attend, q, k, v)[1](q))(q, q, q))
+
+    registers, smem = backward_jaxpr("registers"), backward_jaxpr("smem")
+    # Forward + dQ + dK/dV, three loop phases each.
+    assert registers.count("run_state") == 3 * 3 and smem.count("run_state") == 0
+    # Staging fences: forward 3 (P), dQ 3 (dS), dK/dV 6 (P^T and dS^T).
+    assert smem.count("commit_smem") - registers.count("commit_smem") == 3 + 3 + 6

@@ -363,8 +363,7 @@ def test_generation_of_converted_models_lowers_with_the_kernels_a_gpu_picks(vari
     assert text.count("mosaic_gpu") >= per_layer * config.num_layers
 
 
-@pytest.mark.parametrize("p_operand", ["registers", "smem"])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("p_operand, dtype", [("registers", jnp.bfloat16), ("smem", jnp.float16)])
 def test_head_dim_256_backward_runs_the_head_dim_split_kernels(p_operand, dtype):
     """Gemma 2's local layer (window 4096, cap 50, GQA 2:1) at head_dim 256: the
     backward is two Mosaic kernels of 2 compute + 1 memory warpgroups (not XLA's
