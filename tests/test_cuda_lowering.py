@@ -363,19 +363,19 @@ def test_generation_of_converted_models_lowers_with_the_kernels_a_gpu_picks(vari
     assert text.count("mosaic_gpu") >= per_layer * config.num_layers
 
 
-@pytest.mark.parametrize("p_operand, dtype", [("registers", jnp.bfloat16), ("smem", jnp.float16)])
-def test_head_dim_256_backward_runs_the_head_dim_split_kernels(p_operand, dtype):
+def test_head_dim_256_backward_runs_the_head_dim_split_kernels():
     """Gemma 2's local layer (window 4096, cap 50, GQA 2:1) at head_dim 256: the
     backward is two Mosaic kernels of 2 compute + 1 memory warpgroups (not XLA's
     autodiff), one CTA per 64 queries (dQ) / 64 keys (dK/dV), within the SMEM
-    that ``attention_backward_wide_mgpu.smem_bytes`` predicts."""
+    that ``attention_backward_wide_mgpu.smem_bytes`` predicts. (The ``"smem"``
+    operand path is lowered by ``test_attention_smem_operand_path_lowers``.)"""
     import dataclasses as dc
 
     from benchmarks import gpu_proof
     from pallax.pallas_kernels import AttentionConfig
     from pallax.pallas_kernels import attention_backward_wide_mgpu as wide
 
-    seq, heads, kv_heads = 1000, 8, 4
+    seq, heads, kv_heads, dtype, p_operand = 1000, 8, 4, jnp.bfloat16, "registers"
     q = jax.ShapeDtypeStruct((2, seq, heads, 256), dtype)
     kv = jax.ShapeDtypeStruct((2, seq, kv_heads, 256), dtype)
     config = dc.replace(AttentionConfig.for_head_dim(256), p_operand=p_operand)
