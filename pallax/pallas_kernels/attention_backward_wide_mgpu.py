@@ -10,7 +10,10 @@ dimension**: warpgroup ``w`` owns columns ``[128 w, 128 w + 128)`` of the
 gradient it accumulates. Every 256-wide operand lives in SMEM as two 128-wide
 column halves (``[2, rows, 128]``, one TMA copy per half), so a product that
 contracts over head_dim is two wgmmas into one accumulator and a product that
-produces one half of head_dim reads one half tile.
+produces one half of head_dim reads one half tile. The only cross-warpgroup
+synchronisation is one barrier after the loop: the shared K/V (dK/dV) or Q
+(dQ) half tiles are reused to stage the outputs once neither warpgroup reads
+them any more.
 
 Why each warpgroup recomputes S and dP in full (contracting over all 256 of
 head_dim) rather than splitting them by query (or key) halves and exchanging
