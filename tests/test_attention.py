@@ -1,5 +1,6 @@
 """dot_product_attention against jax.nn.dot_product_attention (an independent reference)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -96,6 +97,9 @@ MOSAIC_CASES = [
     (1, 384, 384, 2, 2, 64, True, None, jnp.bfloat16),
     # Window with fully masked rows (q beyond kv + right).
     (1, 160, 64, 2, 2, 64, False, (3, 1), jnp.bfloat16),
+    # head_dim 256 (the head-dim-split backward kernels): causal over several
+    # tiles (masked and unmasked steps), GQA 2:1, q/kv padding.
+    (1, 130, 130, 2, 1, 256, True, None, jnp.bfloat16),
 ]
 
 
@@ -255,6 +259,8 @@ def soft_capped_reference(q, k, v, *, scale, cap, left, right):
 SOFT_CAP_CASES = [
     (1, 200, 200, 4, 2, 64, True, (40, 0), jnp.bfloat16),
     (1, 130, 150, 2, 1, 64, False, None, jnp.float16),
+    # Gemma 2-like head_dim 256 (head-dim-split backward): two-sided window, MQA.
+    (1, 96, 160, 2, 1, 256, False, (16, 8), jnp.float16),
 ]
 
 
@@ -311,3 +317,37 @@ def test_bad_logits_soft_cap_raises(cap):
     q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="logits_soft_cap"):
         dot_product_attention(q, q, q, logits_soft_cap=cap)
+
+
+def test_head_dim_256_backward_refuses_tiles_that_overflow_smem():
+    """The head_dim-256 backward checks its SMEM before tracing (128-query tiles
+    would need 258 KiB in dQ) and names the fields; the forward alone is unaffected."""
+    q = jax.ShapeDtypeStruct((1, 128, 2, 256), jnp.bfloat16)
+    config = AttentionConfig(block_kv=64, block_q_bwd=128)
+    attend = functools.partial(dot_product_attention, implementation="mosaic", config=config)
+    loss = lambda q, k, v: attend(q, k, v).astype(jnp.float32).sum()  # noqa: E731
+    with jax.sharding.use_abstract_mesh(testing.h100_abstract_mesh()):
+        jax.eval_shape(attend, q, q, q)
+        with pytest.raises(ValueError, match=r"block_q_bwd=128.*258 KiB of shared memory.*dQ"):
+            jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), q, q, q)
+
+
+def test_head_dim_256_backward_uses_register_operands_on_gpu():
+    """At head_dim 256 the backward kernels take dS / P^T / dS^T to wgmma from registers
+    on the GPU (one in-place ``run_state`` per loop phase of dQ and dK/dV, no staging
+    fence) and stage them in SMEM with ``p_operand="smem"``, as at hd <= 128."""
+    q = jax.ShapeDtypeStruct((1, 128, 2, 256), jnp.bfloat16)
+
+    def backward_jaxpr(p_operand):
+        config = dataclasses.replace(AttentionConfig.for_head_dim(256), p_operand=p_operand)
+        attend = functools.partial(
+            dot_product_attention, is_causal=True, implementation="mosaic", config=config
+        )
+        with jax.sharding.use_abstract_mesh(testing.h100_abstract_mesh()):
+            return str(jax.make_jaxpr(lambda q, k, v: jax.vjp(attend, q, k, v)[1](q))(q, q, q))
+
+    registers, smem = backward_jaxpr("registers"), backward_jaxpr("smem")
+    # Forward + dQ + dK/dV, three loop phases each.
+    assert registers.count("run_state") == 3 * 3 and smem.count("run_state") == 0
+    # Staging fences: forward 3 (P), dQ 3 (dS), dK/dV 6 (P^T and dS^T).
+    assert smem.count("commit_smem") - registers.count("commit_smem") == 3 + 3 + 6

@@ -320,7 +320,8 @@ def test_dry_run_runs_every_step_on_the_cpu(tmp_path, monkeypatch, capsys):
     checks = [
         r for n in results["steps"] if n.startswith("check_") for r in results["steps"][n]["rows"]
     ]
-    assert len(checks) == 10 and all(r["ok"] for r in checks)  # 3 quant, 2 decode, 3 attn, 2 spmm
+    assert len(checks) == 11 and all(r["ok"] for r in checks)  # 3 quant, 2 decode, 4 attn, 2 spmm
+    assert any(" d256" in r["case"] for r in results["steps"]["check_attention"]["rows"])
     times = results["steps"]["time_quant"]["rows"]
     assert [r["m"] for r in times] == [1, 16, 64]
     assert all(

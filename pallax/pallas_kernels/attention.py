@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallax._checks import check_array, check_bool, check_float, is_int
-from pallax.pallas_kernels import _tuning, attention_mgpu
+from pallax.pallas_kernels import _tuning, attention_backward_wide_mgpu, attention_mgpu
 from pallax.pallas_kernels._dispatch import Implementation, choose_implementation, cotangent_like
 from pallax.pallas_kernels.attention_mgpu import AttentionConfig, Window
 
@@ -206,20 +206,11 @@ def _mosaic_forward(query, key, value, scale, window, config, logits_soft_cap):
 
 def _mosaic_attention_bwd(scale, window, config, logits_soft_cap, residuals, d_out):
     q, k, v, out, lse = residuals
-    if q.shape[-1] > attention_mgpu.MAX_BACKWARD_HEAD_DIM:
-        # The two-warpgroup backward tiles do not fit shared memory at head_dim
-        # 256; differentiate the XLA reference instead (documented limitation).
-        q, k, v = q[:, : window.q_len], k[:, : window.kv_len], v[:, : window.kv_len]
-        reference = functools.partial(
-            attention_reference,
-            scale=scale,
-            left=window.left,
-            right=window.right,
-            logits_soft_cap=logits_soft_cap,
-        )
-        return jax.vjp(reference, q, k, v)[1](d_out.astype(q.dtype))
     do = _pad_seq(d_out.astype(q.dtype), q.shape[1])
-    dq, dk, dv = attention_mgpu.backward(
+    # head_dim 256: both warpgroups share one tile and split the head dimension.
+    wide = q.shape[-1] == attention_backward_wide_mgpu.HEAD_DIM
+    backward = attention_backward_wide_mgpu.backward if wide else attention_mgpu.backward
+    dq, dk, dv = backward(
         q,
         k,
         v,

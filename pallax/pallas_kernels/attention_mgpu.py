@@ -60,7 +60,7 @@ from pallax.pallas_kernels._mgpu import (
 NUM_COMPUTE_WGS = 2  # Two consumer warpgroups per CTA, ping-ponged as in FA3.
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
-MAX_BACKWARD_HEAD_DIM = 128  # head_dim 256 backward would need 280 KB of SMEM.
+MAX_BACKWARD_HEAD_DIM = 256  # 256: attention_backward_wide_mgpu (head-dim split).
 
 
 P_OPERANDS = ("registers", "smem")
@@ -112,7 +112,9 @@ class AttentionConfig:
         head_dim 64 takes 128-row query steps in the backward (FA3's 128 x 128
         hd-64 tile: 128 keys per CTA, 128 queries per step), which halves the
         wgmma waits per FLOP; at head_dim 128 the dK/dV accumulators leave no
-        registers for that (S^T and dP^T would need 64 more each).
+        registers for that (S^T and dP^T would need 64 more each). head_dim 256
+        keeps 64 x 64 backward tiles and 2 slots, the only ones whose SMEM fits
+        the head-dim-split kernels (``attention_backward_wide_mgpu``).
         """
         if head_dim > 128:
             return AttentionConfig(block_kv=64)
