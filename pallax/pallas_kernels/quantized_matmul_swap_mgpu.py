@@ -33,10 +33,15 @@ step's column picked in registers; shapes that do not fit a slab (groups
 other than 128, ``K / 128`` not a multiple of 4, splits over 32 blocks) stream
 a ``[K / 128, Np]`` copy per K block instead.
 
-Partial sums are fp32 ``[splits, Np, Mp]``: ``splits x`` the (token-padded)
-output, about 6% of a 4096 x 4096 int4 weight's bytes at M = 1 (the legacy
-kernel's were as large as the weight). TMA reduce-add would remove them, but
-GPU interpret mode (the CPU tests) does not implement it in jax 0.11.
+Split-K (``SwapConfig.split_k_reduction``, see ``_mgpu.SPLIT_K_REDUCTIONS``):
+by default ("tma_add") each CTA reduce-adds its fp32 ``[64, block_m]`` tile
+into one zero-initialised fp32 ``[Np, Mp]`` accumulator with a TMA store (the
+adds happen in L2), so a split costs no DRAM bytes; the order of the adds, and
+so the last bits of the result, vary run to run. "partials" writes fp32
+``[splits, Np, Mp]`` summed by XLA in a fixed order (bitwise reproducible;
+``splits x`` the token-padded output, ~6% of a 4096 x 4096 int4 weight's
+bytes at M = 1, read back once more by XLA). With one split the kernel writes
+the output directly, in the activation dtype for weight-only formats.
 
 Budget per CTA (predicted): shared memory ``slots x (block_m x 256 + 64 x 128
 (int8) or 64 x 64 (int4)) + 2 x 64 x 128 x 2 staging + 64 x block_m x 4 +
@@ -52,7 +57,6 @@ import dataclasses
 import functools
 import math
 
-import jax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
@@ -75,8 +79,11 @@ class SwapConfig:
     max_concurrent_steps: int = 4
     k_splits: int | None = None  # None: aim for ``target_ctas`` CTAs.
     target_ctas: int = 264
+    # "tma_add", "partials", or None: "tma_add" where available (_mgpu.SPLIT_K_REDUCTIONS).
+    split_k_reduction: str | None = None
 
     def __post_init__(self):
+        _mgpu.check_split_k_reduction(self.split_k_reduction)
         if self.block_m is not None and (self.block_m % 8 or not 8 <= self.block_m <= 128):
             raise ValueError(f"block_m={self.block_m} must be a multiple of 8 in [8, 128]")
         if self.max_concurrent_steps < 2:
@@ -141,6 +148,7 @@ def _kernel(
     loaded,
     consumed,
     *,
+    reduce: bool,
     slab_width: int | None,
     bits: int,
     w8a8: bool,
@@ -294,10 +302,9 @@ def _kernel(
             acc = acc.astype(jnp.float32) * lax.broadcast_in_dim(scale, acc_shape, [0])
         else:
             acc = lax.fori_loop(lo, hi, int8_group_wise, _mgpu.zeros(acc_shape))
-        o_smem[...] = acc
+        o_smem[...] = acc.astype(o_smem.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, rows, tokens])
-        plgpu.wait_smem_to_gmem(0)
+        _mgpu.store_output_tile(o_smem, o_ref, split, (rows, tokens), reduce)
 
     @pl.when(wg == 1)
     def _memory():
@@ -345,9 +352,14 @@ def per_block(per_group, group_size: int, k_blocks: int):
     return per_k_block[:, :k_blocks].T.astype(jnp.float32)
 
 
-def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
-    """x ``[M, Kp]`` (bf16/fp16, or int8 with ``x_scale [M]``: W8A8) -> f32 ``[M, Np]``."""
+def matmul(x, qw, *, x_scale=None, out_dtype=jnp.float32, config: SwapConfig | None = None):
+    """x ``[M, Kp]`` (bf16/fp16, or int8 with ``x_scale [M]``: W8A8) -> ``[M, Np]``.
+
+    The result is ``out_dtype`` when the kernel writes it directly (one K
+    split, weight-only), fp32 otherwise.
+    """
     config = config or SwapConfig()
+    reduction = _mgpu.split_k_reduction_for(config.split_k_reduction)
     m, kp = x.shape
     np_ = qw.values.shape[0]
     if np_ % ROWS:
@@ -391,6 +403,8 @@ def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
     slab_shape = (ROWS, slab_width or 8)
     slab_transforms = _mgpu.smem_transforms(jnp.float32, 8)
     staging_dtype = jnp.bfloat16 if w8a8 else x.dtype
+    # One split writes the output itself (W8A8: fp32, the token scales come after).
+    o_dtype = jnp.dtype(out_dtype) if splits == 1 and not w8a8 else jnp.dtype(jnp.float32)
     buffers = (
         plgpu.SMEM(
             (num_slots, block_m, BLOCK_K), x.dtype, transforms=_mgpu.smem_transforms(x.dtype)
@@ -410,7 +424,7 @@ def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
             staging_dtype,
             transforms=_mgpu.smem_transforms(staging_dtype),
         ),
-        plgpu.SMEM((ROWS, block_m), jnp.float32),
+        plgpu.SMEM((ROWS, block_m), o_dtype),
     )
     smem = sum(math.prod(b.shape) * jnp.dtype(b.dtype).itemsize for b in buffers)
     if smem > SMEM_BYTES:
@@ -421,6 +435,7 @@ def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
         )
     kernel = functools.partial(
         _kernel,
+        reduce=splits > 1 and reduction == "tma_add",
         slab_width=slab_width,
         bits=qw.bits,
         w8a8=w8a8,
@@ -432,9 +447,9 @@ def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
         block_m=block_m,
         num_slots=num_slots,
     )
-    partials = plgpu.kernel(
+    kernel_with = lambda out_type: plgpu.kernel(  # noqa: E731
         kernel,
-        out_type=jax.ShapeDtypeStruct((splits, np_, mp), jnp.float32),
+        out_type=out_type,
         scratch_types=(
             *buffers,
             plgpu.Barrier(num_barriers=2),  # scale and zero-point slabs
@@ -445,8 +460,15 @@ def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
         num_threads=2,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(x, qw.values, scales, zeros)
-    y_t = partials.sum(axis=0)
+    )
+    y_t = _mgpu.split_k_output(
+        kernel_with,
+        (x, qw.values, scales, zeros),
+        splits=splits,
+        shape=(np_, mp),
+        reduction=reduction,
+        dtype=o_dtype,
+    )
     if w8a8:
         y_t = y_t * jnp.pad(x_scale.astype(jnp.float32), (0, mp - m))[None, :]
     return y_t.T[:m]
