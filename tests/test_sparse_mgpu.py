@@ -163,6 +163,10 @@ def padded_values(w, multiple):
         # One decoding warpgroup (odd tile counts leave warpgroup 1 one fewer).
         (320, 64, 3, 0.9, {"compute_warpgroups": 1, "ring_values": 16384}),
         (320, 64, 3, 0.9, {"value_chunk": 256, "ring_values": 16384}),  # 2 wgs, small chunks
+        # Split-K: one tile per split, 3 token tiles, reduce-added by TMA into
+        # one accumulator (the default) or written as partials summed by XLA.
+        (192, 128, 24, 0.5, {"block_m": 8, "k_splits": 3, "split_k_reduction": "tma_add"}),
+        (192, 128, 24, 0.5, {"block_m": 8, "k_splits": 3, "split_k_reduction": "partials"}),
         # The kernel before issue 13: 256-value chunks, one decoding warpgroup.
         (300, 130, 5, 0.3, OLD),
         (320, 64, 3, 0.9, OLD),  # the ring wraps

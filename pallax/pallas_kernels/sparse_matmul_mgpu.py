@@ -770,6 +770,19 @@ def offsets_table(w) -> jax.Array:
     return jnp.concatenate([tiles, jnp.broadcast_to(end, (1, 4)).astype(jnp.int32)])
 
 
+def k_splits(config: SpmmConfig, w, m: int, reduction: str) -> tuple[int, int]:
+    """``(splits, tiles_per_split)`` of the kernel for ``m`` tokens and ``w``."""
+    n_tiles, k_tiles = w.bitmap.shape[:2]
+    block_m = config.block_m_for(m)
+    mp = -(-m // block_m) * block_m
+    weight_bytes = sum(a.size * a.dtype.itemsize for a in (w.values, w.bitmap, w.tile_offsets))
+    # "tma_add": no partials, so their bytes do not limit the splits.
+    split_bytes = n_tiles * TILE * mp * 4 if reduction == "partials" else 0
+    splits = config.splits_for(n_tiles * (mp // block_m), k_tiles, split_bytes, weight_bytes)
+    tiles_per_split = cdiv(k_tiles, splits)
+    return cdiv(k_tiles, tiles_per_split), tiles_per_split
+
+
 def matmul(x, w, *, config: SpmmConfig | None = None):
     """x ``[M, Kp]`` (bf16/fp16) @ sparse ``w`` -> fp32 ``[M, Np]``."""
     config = config or SpmmConfig()
@@ -791,12 +804,7 @@ def matmul(x, w, *, config: SpmmConfig | None = None):
     # bytes; otherwise a chunk is several TMA boxes, each arriving on its barrier
     # (value_chunk=256 is one box, as before issue 13).
     bulk_values = chunk > TMA_BOX and values.shape[0] * values.dtype.itemsize % 16 == 0
-    weight_bytes = sum(a.size * a.dtype.itemsize for a in (w.values, w.bitmap, w.tile_offsets))
-    # "tma_add": no partials, so their bytes do not limit the splits.
-    split_bytes = n_tiles * TILE * mp * 4 if reduction == "partials" else 0
-    splits = config.splits_for(n_tiles * (mp // block_m), k_tiles, split_bytes, weight_bytes)
-    tiles_per_split = cdiv(k_tiles, splits)
-    splits = cdiv(k_tiles, tiles_per_split)
+    splits, tiles_per_split = k_splits(config, w, m, reduction)
     # A short last split's table copy reads past the end: TMA zero-fills it (unused).
     offsets = offsets_table(w)
     num_slots = config.max_concurrent_steps
