@@ -195,6 +195,8 @@ def test_quantized_matmul_lowers(m, variant, bits, act_bits, symmetric, group_si
     "m, k, n, bits, act_bits, group_size",
     [
         (1, 4096, 4096, 4, None, 128),  # swap W4A16, 4 splits (scale slabs of 8 blocks)
+        (16, 2048, 2048, 4, None, 128),  # swap, tma_add: 8 splits of 2 blocks, offset slabs
+        (1, 1536, 1536, 4, None, 128),  # swap, 12 scale groups: streamed per K block
         (16, 14336, 4096, 4, None, 128),  # swap, 5 splits
         (16, 4096, 4096, 8, 8, None),  # swap W8A8 per-channel, 5 splits
         (256, 4096, 4096, 8, 8, 128),  # int8 (prefill W8A8), 3 splits

@@ -197,6 +197,11 @@ SPLIT_K_CASES = {
     "swap": dict(m=5, k=512, group_size=256, act_bits=None, k_splits=4),
     # Scale slabs of 8 blocks: 3 splits, the last one short.
     "swap-slabs": dict(m=16, k=2560, group_size=128, act_bits=None, k_splits=3),
+    # tma_add keeps 3 splits of 3 blocks (whole slabs would leave one): each
+    # reads the slab at the multiple of 8 below its start (zero points too).
+    "swap-offset-slabs": dict(
+        m=3, k=1024, group_size=128, act_bits=None, k_splits=3, symmetric=False
+    ),
     "legacy": dict(m=9, k=384, group_size=128, act_bits=None, k_splits=3),
     "int8": dict(m=9, k=384, group_size=128, act_bits=8, k_splits=3),
 }
@@ -211,9 +216,9 @@ def test_split_k_reductions_match_the_reference(case, reduction):
     rng = np.random.default_rng(11)
     m, k, n = spec["m"], spec["k"], 192
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    qw = quantize(
-        weights(k, n), bits=4 if spec["act_bits"] is None else 8, group_size=spec["group_size"]
-    )
+    bits = 4 if spec["act_bits"] is None else 8
+    symmetric = spec.get("symmetric", True)
+    qw = quantize(weights(k, n), bits=bits, group_size=spec["group_size"], symmetric=symmetric)
     config = QuantMatmulConfig(
         variant=case.split("-")[0], k_splits=spec["k_splits"], split_k_reduction=reduction
     )
@@ -222,6 +227,29 @@ def test_split_k_reductions_match_the_reference(case, reduction):
         quantized_matmul(x.astype(jnp.float32), qw, act_bits=spec["act_bits"]), np.float32
     )
     np.testing.assert_allclose(got, expected, atol=1e-2 * np.abs(expected).max())
+
+
+def test_split_plan_fills_the_gpu_when_splits_cost_no_bytes():
+    """(splits, blocks per split, slab width) of the swap kernel at M <= 16."""
+
+    def plan(k, n, reduction):
+        qw = jax.eval_shape(
+            functools.partial(quantize, bits=4, group_size=128),
+            jax.ShapeDtypeStruct((k, n), jnp.float32),
+        )
+        tiles = qw.values.shape[0] // swap_mgpu.ROWS
+        config = swap_mgpu.SwapConfig()
+        return swap_mgpu.split_plan(qw, k // 128, tiles, config, reduction, False)
+
+    # 2048 x 2048: whole slabs give 2 splits x 32 tiles = 64 CTAs on 132 SMs;
+    # tma_add splits 8 ways (256 CTAs), each reading an 8-column slab.
+    assert plan(2048, 2048, "partials") == (2, 8, 8)
+    assert plan(2048, 2048, "tma_add") == (8, 2, 8)
+    # Enough CTAs with whole slabs: unchanged.
+    assert plan(4096, 4096, "tma_add") == plan(4096, 4096, "partials") == (4, 8, 8)
+    assert plan(14336, 4096, "tma_add") == (5, 24, 24)
+    # 12 groups cannot be an 8-column tiled TMA box: scales streamed per block.
+    assert plan(1536, 1536, "tma_add")[2] is None
 
 
 def test_split_k_falls_back_to_partials_without_simulated_tma_reductions(monkeypatch):

@@ -28,7 +28,8 @@ TMA ring; the compute warpgroup:
   the splits.
 
 Scales (and zero points) are read as stored, ``[Np, K / 128]``: one TMA slab
-of ``64 x 8..32`` columns per CTA (splits are rounded to whole slabs), the
+of ``64 x 8..32`` columns per CTA, starting at a multiple of 8 (splits are
+rounded to whole slabs unless that leaves SMs idle with "tma_add"), the
 step's column picked in registers; shapes that do not fit a slab (groups
 other than 128, ``K / 128`` not a multiple of 4, splits over 32 blocks) stream
 a ``[K / 128, Np]`` copy per K block instead.
@@ -68,6 +69,7 @@ from pallax.pallas_kernels._mgpu import Stream, cdiv
 ROWS = 64  # weight rows per CTA: the wgmma M of one warpgroup
 BLOCK_K = 128  # == quantization.PACK_BLOCK
 SMEM_BYTES = 227 * 1024
+NUM_SMS = 132  # H100 SXM: fewer CTAs leave SMs idle
 MAGIC_128 = 0x43000000  # fp32 128.0; the code goes into mantissa bits 15..22
 
 
@@ -94,11 +96,16 @@ class SwapConfig:
     def block_m_for(self, m: int) -> int:
         return self.block_m or min(64, -(-m // 8) * 8)
 
-    def splits_for(self, output_tiles: int, k_blocks: int) -> int:
+    def splits_for(self, output_tiles: int, k_blocks: int, fill_sms: bool = False) -> int:
+        """K splits before slab rounding. ``fill_sms`` (splits cost no DRAM bytes,
+        "tma_add"): when >= 4 blocks per split leaves SMs idle, go down to 2."""
         if self.k_splits is not None:
             return max(1, min(self.k_splits, k_blocks))
         # >= 4 K blocks per split so the ring has something to overlap.
-        return max(1, min(cdiv(self.target_ctas, output_tiles), k_blocks // 4 or 1))
+        splits = max(1, min(cdiv(self.target_ctas, output_tiles), k_blocks // 4 or 1))
+        if fill_sms and output_tiles * splits < NUM_SMS:
+            splits = max(splits, min(cdiv(self.target_ctas, output_tiles), k_blocks // 2 or 1))
+        return splits
 
 
 CODE_BITS = 0xFF << 15  # where an 8-bit code sits in the fp32 pattern
@@ -193,8 +200,11 @@ def _kernel(
             # row): strided SMEM loads do not lower in jax 0.11.
             slabs = [scale_smem] + ([zero_smem] if static_zero is None else [])
             refs = [scale_ref] + ([zero_ref] if static_zero is None else [])
+            # The slab starts at the multiple of 8 at or below ``lo`` (TMA boxes of
+            # the tiled slab start on a tile); past the last group TMA fills zeros.
+            slab_start = _mgpu.floordiv(lo, 8) * 8
             for i, (ref, slab) in enumerate(zip(refs, slabs, strict=True)):
-                columns_of_split = pl.ds(pl.multiple_of(lo, 8), slab_width)
+                columns_of_split = pl.ds(pl.multiple_of(slab_start, 8), slab_width)
                 plgpu.copy_gmem_to_smem(ref.at[rows, columns_of_split], slab, slab_barrier.at[i])
             for i in range(len(slabs)):
                 plgpu.barrier_wait(slab_barrier.at[i])
@@ -206,7 +216,8 @@ def _kernel(
             def row_params(k_step, slot):
                 del slot
                 picked = [
-                    jnp.sum(jnp.where(columns == k_step - lo, v, 0.0), axis=1) for v in slab_values
+                    jnp.sum(jnp.where(columns == k_step - slab_start, v, 0.0), axis=1)
+                    for v in slab_values
                 ]
                 return picked[0], (picked[1] if static_zero is None else static_zero)
         else:
@@ -329,19 +340,43 @@ def _kernel(
 MAX_SLAB_WIDTH = 32
 
 
-def slab_width_for(qw, blocks_per_split: int) -> int | None:
-    """Columns of the per-CTA scale slab (a multiple of 8), or None to stream per block.
+def _round_up_8(n: int) -> int:
+    return -(-n // 8) * 8
 
-    The slab is a TMA box of the stored ``[Np, K / 128]`` scales: it needs one
-    group per K block, rows of a multiple of 16 bytes, and a split of at most
-    32 blocks (the columns live in registers: ``width / 2`` per thread). Splits
-    are then rounded up to whole slabs, so that each starts at a multiple of 8.
+
+def split_plan(
+    qw, k_blocks: int, output_tiles: int, config: SwapConfig, reduction: str, per_channel: bool
+) -> tuple[int, int, int | None]:
+    """``(splits, blocks_per_split, slab_width)``; ``slab_width`` None: scales streamed per block.
+
+    The slab is a TMA box of the stored ``[Np, K / 128]`` scales starting at a
+    multiple of 8 columns: it needs one group per K block, 4 or a multiple of
+    8 groups, and at most 32 columns (they live in registers: ``width / 2``
+    per thread). Splits are rounded up to whole slabs of 8..32 blocks, so that
+    each starts where its slab does, unless (with "tma_add") that would leave
+    SMs idle: then splits keep their size and each reads the slab of the
+    multiples of 8 around it (a wider slab: more columns to pick from).
     """
+    tma_add = reduction == "tma_add"
+    splits = config.splits_for(output_tiles, k_blocks, fill_sms=tma_add)
+    blocks_per_split = cdiv(k_blocks, splits)
+    splits = cdiv(k_blocks, blocks_per_split)
     groups = qw.scales.shape[1]
-    width = -(-blocks_per_split // 8) * 8
-    if qw.group_size != BLOCK_K or groups % 4 or width > MAX_SLAB_WIDTH:
-        return None
-    return width
+    # TMA of the 8-column tiled slab: rows of 16 bytes and, past 8 columns, a
+    # whole number of tiles (K = 1536, 12 groups, failed to lower before).
+    if per_channel or qw.group_size != BLOCK_K or not (groups == 4 or groups % 8 == 0):
+        return splits, blocks_per_split, None
+    whole = _round_up_8(blocks_per_split)
+    whole_fits = whole <= MAX_SLAB_WIDTH
+    if whole_fits and (not tma_add or output_tiles * cdiv(k_blocks, whole) >= NUM_SMS):
+        return cdiv(k_blocks, whole), whole, whole
+    starts = range(0, k_blocks, blocks_per_split)
+    width = _round_up_8(max(lo % 8 + min(blocks_per_split, k_blocks - lo) for lo in starts))
+    if width <= MAX_SLAB_WIDTH:
+        return splits, blocks_per_split, width
+    if whole_fits:
+        return cdiv(k_blocks, whole), whole, whole
+    return splits, blocks_per_split, None
 
 
 def per_block(per_group, group_size: int, k_blocks: int):
@@ -373,13 +408,9 @@ def matmul(x, qw, *, x_scale=None, out_dtype=jnp.float32, config: SwapConfig | N
     k_blocks = kp // BLOCK_K
     per_channel = w8a8 and qw.scales.shape[1] == 1
     output_tiles = (np_ // ROWS) * (mp // block_m)
-    splits = config.splits_for(output_tiles, k_blocks)
-    blocks_per_split = cdiv(k_blocks, splits)
-    splits = cdiv(k_blocks, blocks_per_split)
-    slab_width = None if per_channel else slab_width_for(qw, blocks_per_split)
-    if slab_width is not None:
-        blocks_per_split = slab_width
-        splits = cdiv(k_blocks, blocks_per_split)
+    splits, blocks_per_split, slab_width = split_plan(
+        qw, k_blocks, output_tiles, config, reduction, per_channel
+    )
     static_zero = None
     if qw.zeros is None:
         # Zero point of the codes the kernel dequantizes (int8 shifted to 0..255).
