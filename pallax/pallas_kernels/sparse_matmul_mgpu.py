@@ -82,6 +82,7 @@ TMA_BOX = 256  # elements per dimension of a tiled TMA copy
 RING_BYTES = 64 * 1024
 WARP = 32
 SMEM_BYTES = 227 * 1024  # per block on sm_90
+NUM_SMS = 132  # H100 SXM (one CTA per SM: 2 x 232 + 40 registers x 128 threads)
 # Decode strategies. "dense" visits all 32 bits of a thread's word (~9
 # instructions each, 32 independent loads in flight). "bits" zeroes the row
 # and visits only the set bits, BITS_UNROLL at a time (their loads issued
@@ -164,15 +165,25 @@ class SpmmConfig:
     ) -> int:
         """Split-K factor. ``split_bytes``: the fp32 partial sums one more split
         writes (and XLA reads back); by default they stay within
-        ``MAX_PARTIAL_FRACTION`` of the ``weight_bytes`` the kernel streams."""
+        ``MAX_PARTIAL_FRACTION`` of the ``weight_bytes`` the kernel streams.
+        Without partials ("tma_add": ``split_bytes=0``) splits cost no DRAM
+        bytes: the count up to the target that wastes the least of the last
+        wave of CTAs (one CTA per SM) wins, the larger on a tie."""
         if self.k_splits is not None:
             return max(1, min(self.k_splits, k_tiles))
         # Keep >= 4 tiles per split so the rings have something to overlap, and
         # <= 255 so a CTA's offsets fit one TMA box.
-        splits = max(1, min(cdiv(self.target_ctas, output_tiles), k_tiles // 4 or 1))
+        most = max(1, min(cdiv(self.target_ctas, output_tiles), k_tiles // 4 or 1))
         if split_bytes:  # a 90%-sparse weight is small: partials must not rival it
-            splits = max(1, min(splits, int(MAX_PARTIAL_FRACTION * weight_bytes) // split_bytes))
+            splits = max(1, min(most, int(MAX_PARTIAL_FRACTION * weight_bytes) // split_bytes))
+        else:
+            splits = max(range(1, most + 1), key=lambda s: (wave_efficiency(output_tiles * s), s))
         return max(splits, cdiv(k_tiles, 255))
+
+
+def wave_efficiency(ctas: int, num_sms: int = NUM_SMS) -> float:
+    """Busy fraction of the SMs over the waves ``ctas`` take at one CTA per SM."""
+    return ctas / (cdiv(ctas, num_sms) * num_sms)
 
 
 # ----------------------------------------------------------------------------
