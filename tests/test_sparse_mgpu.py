@@ -99,6 +99,8 @@ def test_bad_ring_configs_are_rejected():
     with pytest.raises(ValueError, match="holds 32 chunks of 256; compute_warpgroups=2 need 34"):
         sm.SpmmConfig(value_chunk=256, ring_values=8192)
     sm.SpmmConfig(value_chunk=256, ring_values=8192, compute_warpgroups=1)
+    with pytest.raises(ValueError, match="split_k_reduction='atomic' must be one of"):
+        sm.SpmmConfig(split_k_reduction="atomic")
 
 
 @pytest.mark.parametrize(
