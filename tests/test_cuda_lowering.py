@@ -229,6 +229,29 @@ def test_split_k_reductions_lower_at_the_dispatched_configs(
     assert (f"stablehlo.reduce({result} " in text) != in_kernel
 
 
+@pytest.mark.parametrize(
+    "m, act_bits, result", [(1, None, "14336x8xbf16"), (16, 8, "14336x16xf32")]
+)
+def test_one_split_writes_the_output_directly(m, act_bits, result):
+    """``k_splits=1`` (the GPU sweep tries it): no reduction of any kind; the
+    weight-only swap kernel writes the activation dtype itself."""
+    from pallax.pallas_kernels import QuantMatmulConfig, quantize, quantized_matmul
+
+    qw = jax.eval_shape(
+        functools.partial(quantize, bits=4 if act_bits is None else 8, group_size=128),
+        jax.ShapeDtypeStruct((4096, 14336), jnp.float32),
+    )
+    x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16)
+    config = QuantMatmulConfig(k_splits=1)
+    run = functools.partial(
+        quantized_matmul, act_bits=act_bits, implementation="mosaic", config=config
+    )
+    text = testing.lower_for_cuda(run, x, qw).mlir_module()
+    (call,) = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+    assert call.rstrip().split("->")[-1].strip().startswith(f"tensor<{result}>")
+    assert "cp.reduce" not in call and "output_operand_aliases" not in call
+
+
 @pytest.mark.parametrize("preset", ["small", "1b"])
 def test_preset_train_step_lowers_with_kernels(preset):
     """The whole train step of a preset (forward + backward through every layer,
