@@ -31,7 +31,8 @@ Scales (and zero points) are read as stored, ``[Np, K / 128]``: one TMA slab
 of ``64 x 8..32`` columns per CTA, starting at a multiple of 8 (splits are
 rounded to whole slabs unless that leaves SMs idle with "tma_add"), the
 step's column picked in registers; shapes that do not fit a slab (groups
-other than 128, ``K / 128`` not a multiple of 4, splits over 32 blocks) stream
+other than 128, ``K / 128`` neither 4 nor a multiple of 8, splits over 32
+blocks) stream
 a ``[K / 128, Np]`` copy per K block instead.
 
 Split-K (``SwapConfig.split_k_reduction``, see ``_mgpu.SPLIT_K_REDUCTIONS``):
