@@ -934,6 +934,11 @@ SWEEP_PROBLEMS = {
 # pallax.testing.lower_for_cuda, 2026-11-26): no variant is spent on a shared
 # memory overflow (block_n=256, or 3+ stages of 128-row KV tiles, overflow).
 SWEEP = [
+    # Split-K reduced in the kernel (TMA reduce-add into one fp32 accumulator,
+    # the default) against fp32 partials summed by XLA (issue 13's epilogue).
+    ("quantized_matmul", "w4a16_m1", {"split_k_reduction": "partials"}),
+    ("quantized_matmul", "w4a16_m16", {"split_k_reduction": "partials"}),
+    ("sparse_matmul", "spmm90_n16", {"split_k_reduction": "partials"}),
     # Old against new (issue 13): the legacy kernel, then the swap kernel's knobs.
     ("quantized_matmul", "w4a16_m16", {"variant": "legacy"}),
     ("quantized_matmul", "w4a16_m16", {"k_splits": 1}),

@@ -11,7 +11,9 @@ reduction_op=...)``, ``cp.reduce.async.bulk``). Importing this module teaches
 it ``"add"``, ``"min"`` and ``"max"``: the destination window is read, combined
 with the SMEM source and written back under one lock, so concurrent CTAs
 reducing into the same GMEM tile behave as the hardware's L2 atomics do (in
-some order, each update whole).
+some order, each update whole). With ``detect_races``, reductions into the
+same GMEM window do not race with each other (the hardware applies them
+atomically) but do race with unordered plain reads and writes of it.
 
 Both pretend to be an H100 through an abstract mesh; kernels must not query the
 real device at trace time.
@@ -25,6 +27,8 @@ import threading
 
 import jax
 import numpy as np
+from jax._src import source_info_util
+from jax._src.pallas.mosaic.interpret.race_detection_state import _ranges_overlap
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 from jax._src.pallas.mosaic_gpu.interpret.params import (
     InterpretGPUParams,
@@ -91,6 +95,34 @@ def lower_for_cuda(fn, *args, mesh=None, **kwargs) -> jax.export.Exported:
 
 _REDUCTIONS = {"add": np.add, "min": np.minimum, "max": np.maximum}
 _reduce_lock = threading.Lock()
+# Prefix of the source frame recorded with a reduction's GMEM write in the race
+# detector's write log: how a reduction recognises the others.
+_REDUCTION_FRAME = "TMA reduction"
+
+
+def _check_reduction_write(thread, clock, key, access, source_info):
+    """Race check of a TMA reduction's GMEM write: against every unordered,
+    overlapping plain read or write; not against other reductions."""
+    races = gpu_callbacks.get_races()
+    where = source_info_util.summarize(source_info) if source_info else "pallas_call"
+    frame = f"{_REDUCTION_FRAME}, {where}"
+    with races.lock:
+        prior = [("write", *w) for w in races.writes[key]]
+        prior += [("read", *r) for r in races.reads[key]]
+        # Later plain accesses see this entry as an ordinary write.
+        races.writes[key].append((thread, clock, access.range, frame))
+    for kind, other_thread, other_clock, other_range, other_frame in prior:
+        if kind == "write" and other_frame.startswith(_REDUCTION_FRAME):
+            continue
+        if other_clock.ordered(clock) or not _ranges_overlap(access.range, other_range):
+            continue
+        print(
+            f"RACE DETECTED\n  reduction into {key}[{access.range}] from {thread}, {frame}\n"
+            f"  {kind} of {key}[{other_range}] from {other_thread}, {other_frame}\n"
+        )
+        with races.lock:
+            races.races_found = True
+        return
 
 
 class _AsyncReduceSmemToGmemTask(gpu_callbacks.AsyncCopySmemToGmemTask):
@@ -99,6 +131,19 @@ class _AsyncReduceSmemToGmemTask(gpu_callbacks.AsyncCopySmemToGmemTask):
     def __init__(self, *args, combine, **kwargs):
         super().__init__(*args, **kwargs)
         self.combine = combine
+
+    def post_read(self, tma_thread_id: int, shared_memory):
+        # As the plain store's, but the destination is checked as a reduction.
+        if shared_memory.detect_races:
+            self.clock.inc(tma_thread_id)
+            self.write_clock = self.clock.copy()
+            _check_reduction_write(
+                self.thread,
+                self.clock.async_smem_clock.copy(),
+                self.dst_allocation_key,
+                self.dst_access,
+                self.source_info,
+            )
 
     def __call__(self, tma_thread_id: int):
         shared_memory = gpu_callbacks._get_shared_memory()

@@ -197,6 +197,67 @@ def test_quantized_matmul_lowers(m, variant, bits, act_bits, symmetric, group_si
     assert "mosaic_gpu" in exported.mlir_module()
 
 
+@pytest.mark.parametrize(
+    "m, k, n, bits, act_bits, group_size",
+    [
+        (1, 4096, 4096, 4, None, 128),  # swap W4A16, 4 splits (scale slabs of 8 blocks)
+        (16, 2048, 2048, 4, None, 128),  # swap, tma_add: 8 splits of 2 blocks, offset slabs
+        (1, 1536, 1536, 4, None, 128),  # swap, 12 scale groups: streamed per K block
+        (16, 14336, 4096, 4, None, 128),  # swap, 5 splits
+        (16, 4096, 4096, 8, 8, None),  # swap W8A8 per-channel, 5 splits
+        (256, 4096, 4096, 8, 8, 128),  # int8 (prefill W8A8), 3 splits
+        (128, 4096, 4096, 4, None, 128),  # legacy (prefill weight-only), 5 splits
+    ],
+)
+@pytest.mark.parametrize("reduction", ["tma_add", "partials"])
+def test_split_k_reductions_lower_at_the_dispatched_configs(
+    reduction, m, k, n, bits, act_bits, group_size
+):
+    """The default split-K reduces in the kernel (``cp.reduce.async.bulk.tensor``
+    into the aliased fp32 accumulator, no XLA sum); "partials" is XLA's sum."""
+    from pallax.pallas_kernels import QuantMatmulConfig, quantize, quantized_matmul
+
+    qw = jax.eval_shape(
+        functools.partial(quantize, bits=bits, group_size=group_size),
+        jax.ShapeDtypeStruct((k, n), jnp.float32),
+    )
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    config = QuantMatmulConfig(split_k_reduction=reduction)
+    run = functools.partial(
+        quantized_matmul, act_bits=act_bits, implementation="mosaic", config=config
+    )
+    text = testing.lower_for_cuda(run, x, qw).mlir_module()
+    (call,) = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+    in_kernel = reduction == "tma_add"
+    assert ("cp.reduce.async.bulk.tensor" in call) == in_kernel
+    assert ("output_operand_aliases" in call) == in_kernel
+    result = call.strip().split(" = ")[0]  # XLA sums the partials, nothing else
+    assert (f"stablehlo.reduce({result} " in text) != in_kernel
+
+
+@pytest.mark.parametrize(
+    "m, act_bits, result", [(1, None, "14336x8xbf16"), (16, 8, "14336x16xf32")]
+)
+def test_one_split_writes_the_output_directly(m, act_bits, result):
+    """``k_splits=1`` (the GPU sweep tries it): no reduction of any kind; the
+    weight-only swap kernel writes the activation dtype itself."""
+    from pallax.pallas_kernels import QuantMatmulConfig, quantize, quantized_matmul
+
+    qw = jax.eval_shape(
+        functools.partial(quantize, bits=4 if act_bits is None else 8, group_size=128),
+        jax.ShapeDtypeStruct((4096, 14336), jnp.float32),
+    )
+    x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16)
+    config = QuantMatmulConfig(k_splits=1)
+    run = functools.partial(
+        quantized_matmul, act_bits=act_bits, implementation="mosaic", config=config
+    )
+    text = testing.lower_for_cuda(run, x, qw).mlir_module()
+    (call,) = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+    assert call.rstrip().split("->")[-1].strip().startswith(f"tensor<{result}>")
+    assert "cp.reduce" not in call and "output_operand_aliases" not in call
+
+
 @pytest.mark.parametrize("preset", ["small", "1b"])
 def test_preset_train_step_lowers_with_kernels(preset):
     """The whole train step of a preset (forward + backward through every layer,

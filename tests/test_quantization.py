@@ -192,6 +192,93 @@ def test_new_kernels_have_no_races(variant, bits, symmetric, act_bits, group_siz
     np.testing.assert_allclose(got, expected, atol=2e-2 * np.abs(expected).max())
 
 
+SPLIT_K_CASES = {
+    # Scales streamed per K block (group 256: no slab), 4 splits of one block.
+    "swap": dict(m=5, k=512, group_size=256, act_bits=None, k_splits=4),
+    # Scale slabs of 8 blocks: 3 splits, the last one short.
+    "swap-slabs": dict(m=16, k=2560, group_size=128, act_bits=None, k_splits=3),
+    # tma_add keeps 3 splits of 3 blocks (whole slabs would leave one): each
+    # reads the slab at the multiple of 8 below its start (zero points too).
+    "swap-offset-slabs": dict(
+        m=3, k=1024, group_size=128, act_bits=None, k_splits=3, symmetric=False
+    ),
+    "legacy": dict(m=9, k=384, group_size=128, act_bits=None, k_splits=3),
+    "int8": dict(m=9, k=384, group_size=128, act_bits=8, k_splits=3),
+}
+
+
+@pytest.mark.parametrize("reduction", ["tma_add", "partials"])
+@pytest.mark.parametrize("case", list(SPLIT_K_CASES))
+def test_split_k_reductions_match_the_reference(case, reduction):
+    """Several K splits per output tile, reduce-added by TMA into one fp32
+    accumulator or written as partials and summed by XLA."""
+    spec = SPLIT_K_CASES[case]
+    rng = np.random.default_rng(11)
+    m, k, n = spec["m"], spec["k"], 192
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    bits = 4 if spec["act_bits"] is None else 8
+    symmetric = spec.get("symmetric", True)
+    qw = quantize(weights(k, n), bits=bits, group_size=spec["group_size"], symmetric=symmetric)
+    config = QuantMatmulConfig(
+        variant=case.split("-")[0], k_splits=spec["k_splits"], split_k_reduction=reduction
+    )
+    got = np.asarray(run_mosaic(x, qw, spec["act_bits"], config), np.float32)
+    expected = np.asarray(
+        quantized_matmul(x.astype(jnp.float32), qw, act_bits=spec["act_bits"]), np.float32
+    )
+    np.testing.assert_allclose(got, expected, atol=1e-2 * np.abs(expected).max())
+
+
+def test_split_plan_fills_the_gpu_when_splits_cost_no_bytes():
+    """(splits, blocks per split, slab width) of the swap kernel at M <= 16."""
+
+    def plan(k, n, reduction):
+        qw = jax.eval_shape(
+            functools.partial(quantize, bits=4, group_size=128),
+            jax.ShapeDtypeStruct((k, n), jnp.float32),
+        )
+        tiles = qw.values.shape[0] // swap_mgpu.ROWS
+        config = swap_mgpu.SwapConfig()
+        return swap_mgpu.split_plan(qw, k // 128, tiles, config, reduction, False)
+
+    # 2048 x 2048: whole slabs give 2 splits x 32 tiles = 64 CTAs on 132 SMs;
+    # tma_add splits 8 ways (256 CTAs), each reading an 8-column slab.
+    assert plan(2048, 2048, "partials") == (2, 8, 8)
+    assert plan(2048, 2048, "tma_add") == (8, 2, 8)
+    # Enough CTAs with whole slabs: unchanged.
+    assert plan(4096, 4096, "tma_add") == plan(4096, 4096, "partials") == (4, 8, 8)
+    assert plan(14336, 4096, "tma_add") == (5, 24, 24)
+    # 12 groups cannot be an 8-column tiled TMA box: scales streamed per block.
+    assert plan(1536, 1536, "tma_add")[2] is None
+
+
+def test_split_k_falls_back_to_partials_without_simulated_tma_reductions(monkeypatch):
+    """jax's GPU interpret mode alone (no pallax.testing patch) has no TMA
+    reductions: the default becomes "partials"; asking for "tma_add" is an error."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    from pallax.pallas_kernels import _mgpu
+
+    assert _mgpu.split_k_reduction_for(None) == "tma_add"  # not interpreting: a GPU
+    monkeypatch.setattr(
+        gpu_callbacks, "copy_smem_to_gmem", gpu_callbacks.copy_smem_to_gmem.__wrapped__
+    )
+    x = jnp.asarray(np.random.default_rng(12).standard_normal((5, 512)), jnp.bfloat16)
+    qw = quantize(weights(512, 128), bits=4, group_size=256)
+    with testing.gpu_interpret():
+        assert not _mgpu.tma_reductions_available()
+        assert _mgpu.split_k_reduction_for(None) == "partials"
+    got = run_mosaic(x, qw, None, QuantMatmulConfig(k_splits=4))
+    expected = np.asarray(quantized_matmul(x.astype(jnp.float32), qw), np.float32)
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), expected, atol=1e-2 * abs(expected).max()
+    )
+    with pytest.raises(ValueError, match="split_k_reduction='tma_add' needs TMA reductions"):
+        run_mosaic(x, qw, None, QuantMatmulConfig(k_splits=4, split_k_reduction="tma_add"))
+    with pytest.raises(ValueError, match="split_k_reduction='atomic' must be one of"):
+        QuantMatmulConfig(split_k_reduction="atomic")
+
+
 @pytest.mark.parametrize("bits, signed", [(4, False), (8, True), (8, False)])
 def test_bit_trick_dequantization_is_exact_for_every_code(bits, signed):
     """The swap kernel's dequantization (no int-to-float convert, the zero point

@@ -99,6 +99,8 @@ def test_bad_ring_configs_are_rejected():
     with pytest.raises(ValueError, match="holds 32 chunks of 256; compute_warpgroups=2 need 34"):
         sm.SpmmConfig(value_chunk=256, ring_values=8192)
     sm.SpmmConfig(value_chunk=256, ring_values=8192, compute_warpgroups=1)
+    with pytest.raises(ValueError, match="split_k_reduction='atomic' must be one of"):
+        sm.SpmmConfig(split_k_reduction="atomic")
 
 
 @pytest.mark.parametrize(
@@ -163,6 +165,10 @@ def padded_values(w, multiple):
         # One decoding warpgroup (odd tile counts leave warpgroup 1 one fewer).
         (320, 64, 3, 0.9, {"compute_warpgroups": 1, "ring_values": 16384}),
         (320, 64, 3, 0.9, {"value_chunk": 256, "ring_values": 16384}),  # 2 wgs, small chunks
+        # Split-K: one tile per split, 3 token tiles, reduce-added by TMA into
+        # one accumulator (the default) or written as partials summed by XLA.
+        (192, 128, 24, 0.5, {"block_m": 8, "k_splits": 3, "split_k_reduction": "tma_add"}),
+        (192, 128, 24, 0.5, {"block_m": 8, "k_splits": 3, "split_k_reduction": "partials"}),
         # The kernel before issue 13: 256-value chunks, one decoding warpgroup.
         (300, 130, 5, 0.3, OLD),
         (320, 64, 3, 0.9, OLD),  # the ring wraps

@@ -240,3 +240,107 @@ def interpreting() -> bool:
     from jax._src import config
 
     return config.pallas_tpu_interpret_mode_context_manager.value is not None
+
+
+# ----------------------------------------------------------------------------
+# Split-K reduction
+# ----------------------------------------------------------------------------
+
+# How CTAs that share an output tile but own different K ranges combine their
+# fp32 sums. "tma_add": each CTA reduce-adds its tile into one zero-initialised
+# fp32 ``[rows, cols]`` accumulator with a TMA store (``cp.reduce.async.bulk``;
+# the adds happen in L2), so extra splits cost no DRAM bytes, but the order of
+# the fp32 adds varies run to run (results differ by rounding). "partials":
+# every split writes its own ``[splits, rows, cols]`` slice and XLA sums them
+# in a fixed order (bitwise reproducible; ``splits x`` the output in bytes).
+SPLIT_K_REDUCTIONS = ("tma_add", "partials")
+
+
+def check_split_k_reduction(value) -> None:
+    if value not in (None, *SPLIT_K_REDUCTIONS):
+        raise ValueError(
+            f"split_k_reduction={value!r} must be one of {SPLIT_K_REDUCTIONS} or None "
+            "(tma_add where available)"
+        )
+
+
+def tma_reductions_available() -> bool:
+    """Whether ``copy_smem_to_gmem(..., reduction_op="add")`` runs where kernels are traced now.
+
+    Always on a GPU. GPU interpret mode (jax 0.11.2) has no TMA reductions
+    unless ``pallax.testing`` patched them in; we look for its marker on the
+    interpreter's callback rather than import the testing module here.
+    """
+    if not interpreting():
+        return True
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    return bool(getattr(gpu_callbacks.copy_smem_to_gmem, "_pallax_reductions", False))
+
+
+def split_k_reduction_for(requested: str | None) -> str:
+    """The reduction a kernel uses: ``requested``, or "tma_add" where available."""
+    check_split_k_reduction(requested)
+    if requested is None:
+        return "tma_add" if tma_reductions_available() else "partials"
+    if requested == "tma_add" and not tma_reductions_available():
+        raise ValueError(
+            "split_k_reduction='tma_add' needs TMA reductions, which jax's GPU interpret mode "
+            "lacks unless pallax.testing is imported; use 'partials' or None"
+        )
+    return requested
+
+
+def run_with_accumulator(
+    kernel_call: Callable[..., Any], inputs: Sequence[Any], shape
+) -> jax.Array:
+    """``kernel_call(*inputs, acc_ref)`` on a zero-initialised fp32 ``shape`` ref; returns it.
+
+    ``kernel_call`` is a ``plgpu.kernel(..., out_type=())`` whose CTAs
+    reduce-add into ``acc_ref``; the ref is the custom call's operand and
+    result (aliased), so XLA allocates it once and writes the zeros once.
+    """
+
+    def run(refs):
+        (acc_ref,) = refs
+        kernel_call(*inputs, acc_ref)
+
+    return pl.run_state(run)((jnp.zeros(shape, jnp.float32),))[0]
+
+
+def store_output_tile(o_smem, o_ref, split, index: tuple[Any, ...], reduce: bool) -> None:
+    """Epilogue: the CTA's tile in ``o_smem`` (committed) to GMEM.
+
+    ``o_ref`` is ``[splits, ...]`` partials (the CTA writes slice ``split``),
+    or the output itself: written directly (one split) or, with ``reduce``,
+    reduce-added by TMA into the shared fp32 accumulator.
+    """
+    if len(o_ref.shape) == len(index) + 1:
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[(split, *index)])
+    else:
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[index], reduction_op="add" if reduce else None)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def split_k_output(
+    kernel_with: Callable[[Any], Callable[..., Any]],
+    inputs: Sequence[Any],
+    *,
+    splits: int,
+    shape: tuple[int, ...],
+    reduction: str,
+    dtype=jnp.float32,
+) -> jax.Array:
+    """Runs a split-K kernel and returns its summed output ``shape``.
+
+    ``kernel_with(out_type)`` builds the ``plgpu.kernel`` for an output type;
+    its epilogue is :func:`store_output_tile`. One split writes ``dtype``
+    directly; more are reduced by ``reduction`` (see ``SPLIT_K_REDUCTIONS``)
+    into fp32.
+    """
+    if splits == 1:
+        return kernel_with(jax.ShapeDtypeStruct(shape, dtype))(*inputs)
+    if reduction == "partials":
+        partials = kernel_with(jax.ShapeDtypeStruct((splits, *shape), jnp.float32))(*inputs)
+        return partials.sum(axis=0)
+    return run_with_accumulator(kernel_with(()), inputs, shape)

@@ -294,10 +294,13 @@ def _mosaic_matmul(x, qw, act_bits, config):
     kp = qw.padded_in_features
     config = config or mgpu.QuantMatmulConfig()
     variant = config.variant_for(x2.shape[0], w8a8=act_bits == 8)
+    # What a kernel writing its output directly (no split-K) rounds it to.
+    out_dtype = jnp.float32 if x.dtype == jnp.float32 else x.dtype
     if variant == "swap":
-        kernel = functools.partial(swap_mgpu.matmul, config=config.swap_config())
+        kernel = functools.partial(
+            swap_mgpu.matmul, out_dtype=out_dtype, config=config.swap_config()
+        )
     elif variant == "int8":
-        out_dtype = jnp.float32 if x.dtype == jnp.float32 else x.dtype
         kernel = functools.partial(
             int8_mgpu.matmul, out_dtype=out_dtype, config=config.int8_config()
         )

@@ -20,7 +20,10 @@ int8 x int8 wgmma runs straight from shared memory into int32 accumulators.
 
 The per-token activation scales are applied in the epilogue; without split-K
 the kernel writes the activation dtype directly (no fp32 ``[M, N]`` round
-trip), otherwise fp32 partials ``[splits, Mp, Np]`` summed in XLA.
+trip). Split-K (``Int8Config.split_k_reduction``): by default each CTA
+reduce-adds its scaled fp32 tile into one fp32 ``[Mp, Np]`` accumulator by TMA
+("tma_add"), or writes fp32 partials ``[splits, Mp, Np]`` summed in XLA
+("partials", bitwise reproducible).
 
 Budget per CTA (predicted): shared memory ``slots x (128 x 128 + block_n x 128
 + 4 block_n) + 2 x 64 x block_n x 4`` bytes (~194 KiB at block_n=128, 4
@@ -35,7 +38,6 @@ import dataclasses
 import functools
 import math
 
-import jax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
@@ -59,8 +61,10 @@ class Int8Config:
     max_concurrent_steps: int = 4
     k_splits: int | None = None  # None: aim for ``target_ctas`` CTAs.
     target_ctas: int = 132
+    split_k_reduction: str | None = None  # see _mgpu.SPLIT_K_REDUCTIONS
 
     def __post_init__(self):
+        _mgpu.check_split_k_reduction(self.split_k_reduction)
         if self.block_n not in (64, 128, 256):
             raise ValueError(f"block_n={self.block_n} must be 64, 128 or 256")
         if self.max_concurrent_steps < 2:
@@ -95,6 +99,7 @@ def _kernel(
     loaded,
     consumed,
     *,
+    reduce: bool,
     per_channel: bool,
     blocks_per_split: int,
     k_blocks: int,
@@ -175,12 +180,7 @@ def _kernel(
             acc = scaled_by_cols(acc, plgpu.load(col_scale_smem.at[wg], layout=per_col))
         o_smem.at[wg][...] = acc.astype(o_smem.dtype)
         plgpu.commit_smem()
-        if len(o_ref.shape) == 3:
-            destination = o_ref.at[split, rows, cols]
-        else:
-            destination = o_ref.at[rows, cols]
-        plgpu.copy_smem_to_gmem(o_smem.at[wg], destination)
-        plgpu.wait_smem_to_gmem(0)
+        _mgpu.store_output_tile(o_smem.at[wg], o_ref, split, (rows, cols), reduce)
 
     @pl.when(wg == NUM_COMPUTE_WGS)
     def _memory():
@@ -201,11 +201,12 @@ def matmul(x, qw, *, x_scale, out_dtype=jnp.float32, config: Int8Config | None =
     """int8 x ``[M, Kp]`` with ``x_scale [M]`` @ symmetric 8-bit ``qw`` -> ``[M, Np]``.
 
     The result is ``out_dtype`` (rounded once, in the kernel, when there is no
-    split-K; otherwise fp32 partials are summed in XLA first).
+    split-K; otherwise the splits are summed in fp32 first).
     """
     from pallax.pallas_kernels import quantized_matmul_swap_mgpu as swap
 
     config = config or Int8Config()
+    reduction = _mgpu.split_k_reduction_for(config.split_k_reduction)
     m, kp = x.shape
     np_ = qw.values.shape[0]
     if x.dtype != jnp.int8 or qw.bits != 8 or qw.zeros is not None:
@@ -251,16 +252,16 @@ def matmul(x, qw, *, x_scale, out_dtype=jnp.float32, config: Int8Config | None =
         )
     kernel = functools.partial(
         _kernel,
+        reduce=splits > 1 and reduction == "tma_add",
         per_channel=per_channel,
         blocks_per_split=blocks_per_split,
         k_blocks=k_blocks,
         block_n=block_n,
         num_slots=num_slots,
     )
-    out_shape = (mp, np_) if splits == 1 else (splits, mp, np_)
-    out = plgpu.kernel(
+    kernel_with = lambda out_type: plgpu.kernel(  # noqa: E731
         kernel,
-        out_type=jax.ShapeDtypeStruct(out_shape, o_dtype),
+        out_type=out_type,
         scratch_types=(
             *buffers,
             plgpu.Barrier(num_barriers=2 * NUM_COMPUTE_WGS),  # x scales, column scales
@@ -271,7 +272,13 @@ def matmul(x, qw, *, x_scale, out_dtype=jnp.float32, config: Int8Config | None =
         num_threads=NUM_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(x, qw.values, scales, x_scale)
-    if splits > 1:
-        out = out.sum(axis=0)
+    )
+    out = _mgpu.split_k_output(
+        kernel_with,
+        (x, qw.values, scales, x_scale),
+        splits=splits,
+        shape=(mp, np_),
+        reduction=reduction,
+        dtype=o_dtype,
+    )
     return out[:m].astype(out_dtype)

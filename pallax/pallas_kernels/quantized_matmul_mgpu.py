@@ -13,7 +13,9 @@ warpgroup streams x, weight and per-block scale tiles through a TMA ring.
   the weight scales and accumulated in fp32; the per-token activation scales
   are applied once at the end.
 
-Partial sums of the K splits are fp32 ``[splits, M, N]``, summed in XLA.
+K splits are reduced as ``QuantMatmulConfig.split_k_reduction`` says: by
+default reduce-added by TMA into one fp32 ``[M, N]`` accumulator, or fp32
+partials ``[splits, M, N]`` summed in XLA (see ``_mgpu.SPLIT_K_REDUCTIONS``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
@@ -50,7 +51,10 @@ class QuantMatmulConfig:
     warpgroups), or None: "swap" when M <= ``swap_max_tokens`` (decode: no
     token padding to 64, small split-K partials); above it "int8" for W8A8
     and "legacy" for weight-only. ``block_n`` applies to "legacy" and "int8",
-    ``block_m`` to "swap"; the others to all.
+    ``block_m`` to "swap"; the others to all. ``split_k_reduction``: how K
+    splits are combined, "tma_add" (TMA reduce-add into one fp32 output: no
+    partials in DRAM, last bits vary run to run), "partials" (fp32 per split,
+    summed by XLA: bitwise reproducible), or None: "tma_add" where available.
     """
 
     block_n: int = 128
@@ -60,8 +64,10 @@ class QuantMatmulConfig:
     variant: str | None = None
     block_m: int | None = None  # "swap": tokens per CTA (None: M rounded up to 8, <= 64)
     swap_max_tokens: int = 64
+    split_k_reduction: str | None = None
 
     def __post_init__(self):
+        _mgpu.check_split_k_reduction(self.split_k_reduction)
         if self.block_n not in (64, 128, 256):
             raise ValueError(f"block_n={self.block_n} must be 64, 128 or 256")
         if self.max_concurrent_steps < 2:
@@ -88,6 +94,7 @@ class QuantMatmulConfig:
             block_n=self.block_n,
             max_concurrent_steps=self.max_concurrent_steps,
             k_splits=self.k_splits,
+            split_k_reduction=self.split_k_reduction,
         )
 
     def swap_config(self) -> SwapConfig:
@@ -96,6 +103,7 @@ class QuantMatmulConfig:
             max_concurrent_steps=self.max_concurrent_steps,
             k_splits=self.k_splits,
             target_ctas=self.target_ctas,
+            split_k_reduction=self.split_k_reduction,
         )
 
     def splits_for(self, output_tiles: int, k_blocks: int) -> int:
@@ -123,6 +131,7 @@ def _kernel(
     loaded,
     consumed,
     *,
+    reduce: bool,
     bits: int,
     w8a8: bool,
     static_zero: float | None,
@@ -201,8 +210,7 @@ def _kernel(
             acc = acc * lax.broadcast_in_dim(x_scale, acc.shape, [0])
         o_smem[...] = acc
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, rows, cols])
-        plgpu.wait_smem_to_gmem(0)
+        _mgpu.store_output_tile(o_smem, o_ref, split, (rows, cols), reduce)
 
     @pl.when(wg == 1)
     def _memory():
@@ -233,6 +241,7 @@ def per_block(per_group, group_size: int, k_blocks: int):
 def matmul(x, qw, *, x_scale=None, config: QuantMatmulConfig | None = None):
     """x ``[M, Kp]`` (bf16/fp16, or int8 with ``x_scale [M]``: W8A8) -> f32 ``[M, Np]``."""
     config = config or QuantMatmulConfig()
+    reduction = _mgpu.split_k_reduction_for(config.split_k_reduction)
     m, kp = x.shape
     np_ = qw.values.shape[0]
     block_n = min(config.block_n, np_)
@@ -260,6 +269,7 @@ def matmul(x, qw, *, x_scale=None, config: QuantMatmulConfig | None = None):
     vector = plgpu.SMEM((num_slots, block_n), jnp.float32)
     kernel = functools.partial(
         _kernel,
+        reduce=splits > 1 and reduction == "tma_add",
         bits=qw.bits,
         w8a8=w8a8,
         static_zero=static_zero,
@@ -268,9 +278,9 @@ def matmul(x, qw, *, x_scale=None, config: QuantMatmulConfig | None = None):
         block_n=block_n,
         num_slots=num_slots,
     )
-    partials = plgpu.kernel(
+    kernel_with = lambda out_type: plgpu.kernel(  # noqa: E731
         kernel,
-        out_type=jax.ShapeDtypeStruct((splits, mp, np_), jnp.float32),
+        out_type=out_type,
         scratch_types=(
             plgpu.SMEM(
                 (num_slots, BLOCK_M, BLOCK_K),
@@ -299,5 +309,9 @@ def matmul(x, qw, *, x_scale=None, config: QuantMatmulConfig | None = None):
         num_threads=2,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(x, qw.values, scales, zeros, x_scale)
-    return partials.sum(axis=0)[:m]
+    )
+    inputs = (x, qw.values, scales, zeros, x_scale)
+    out = _mgpu.split_k_output(
+        kernel_with, inputs, splits=splits, shape=(mp, np_), reduction=reduction
+    )
+    return out[:m]

@@ -28,15 +28,22 @@ TMA ring; the compute warpgroup:
   the splits.
 
 Scales (and zero points) are read as stored, ``[Np, K / 128]``: one TMA slab
-of ``64 x 8..32`` columns per CTA (splits are rounded to whole slabs), the
+of ``64 x 8..32`` columns per CTA, starting at a multiple of 8 (splits are
+rounded to whole slabs unless that leaves SMs idle with "tma_add"), the
 step's column picked in registers; shapes that do not fit a slab (groups
-other than 128, ``K / 128`` not a multiple of 4, splits over 32 blocks) stream
+other than 128, ``K / 128`` neither 4 nor a multiple of 8, splits over 32
+blocks) stream
 a ``[K / 128, Np]`` copy per K block instead.
 
-Partial sums are fp32 ``[splits, Np, Mp]``: ``splits x`` the (token-padded)
-output, about 6% of a 4096 x 4096 int4 weight's bytes at M = 1 (the legacy
-kernel's were as large as the weight). TMA reduce-add would remove them, but
-GPU interpret mode (the CPU tests) does not implement it in jax 0.11.
+Split-K (``SwapConfig.split_k_reduction``, see ``_mgpu.SPLIT_K_REDUCTIONS``):
+by default ("tma_add") each CTA reduce-adds its fp32 ``[64, block_m]`` tile
+into one zero-initialised fp32 ``[Np, Mp]`` accumulator with a TMA store (the
+adds happen in L2), so a split costs no DRAM bytes; the order of the adds, and
+so the last bits of the result, vary run to run. "partials" writes fp32
+``[splits, Np, Mp]`` summed by XLA in a fixed order (bitwise reproducible;
+``splits x`` the token-padded output, ~6% of a 4096 x 4096 int4 weight's
+bytes at M = 1, read back once more by XLA). With one split the kernel writes
+the output directly, in the activation dtype for weight-only formats.
 
 Budget per CTA (predicted): shared memory ``slots x (block_m x 256 + 64 x 128
 (int8) or 64 x 64 (int4)) + 2 x 64 x 128 x 2 staging + 64 x block_m x 4 +
@@ -52,7 +59,6 @@ import dataclasses
 import functools
 import math
 
-import jax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
@@ -64,6 +70,7 @@ from pallax.pallas_kernels._mgpu import Stream, cdiv
 ROWS = 64  # weight rows per CTA: the wgmma M of one warpgroup
 BLOCK_K = 128  # == quantization.PACK_BLOCK
 SMEM_BYTES = 227 * 1024
+NUM_SMS = 132  # H100 SXM: fewer CTAs leave SMs idle
 MAGIC_128 = 0x43000000  # fp32 128.0; the code goes into mantissa bits 15..22
 
 
@@ -75,8 +82,11 @@ class SwapConfig:
     max_concurrent_steps: int = 4
     k_splits: int | None = None  # None: aim for ``target_ctas`` CTAs.
     target_ctas: int = 264
+    # "tma_add", "partials", or None: "tma_add" where available (_mgpu.SPLIT_K_REDUCTIONS).
+    split_k_reduction: str | None = None
 
     def __post_init__(self):
+        _mgpu.check_split_k_reduction(self.split_k_reduction)
         if self.block_m is not None and (self.block_m % 8 or not 8 <= self.block_m <= 128):
             raise ValueError(f"block_m={self.block_m} must be a multiple of 8 in [8, 128]")
         if self.max_concurrent_steps < 2:
@@ -87,11 +97,16 @@ class SwapConfig:
     def block_m_for(self, m: int) -> int:
         return self.block_m or min(64, -(-m // 8) * 8)
 
-    def splits_for(self, output_tiles: int, k_blocks: int) -> int:
+    def splits_for(self, output_tiles: int, k_blocks: int, fill_sms: bool = False) -> int:
+        """K splits before slab rounding. ``fill_sms`` (splits cost no DRAM bytes,
+        "tma_add"): when >= 4 blocks per split leaves SMs idle, go down to 2."""
         if self.k_splits is not None:
             return max(1, min(self.k_splits, k_blocks))
         # >= 4 K blocks per split so the ring has something to overlap.
-        return max(1, min(cdiv(self.target_ctas, output_tiles), k_blocks // 4 or 1))
+        splits = max(1, min(cdiv(self.target_ctas, output_tiles), k_blocks // 4 or 1))
+        if fill_sms and output_tiles * splits < NUM_SMS:
+            splits = max(splits, min(cdiv(self.target_ctas, output_tiles), k_blocks // 2 or 1))
+        return splits
 
 
 CODE_BITS = 0xFF << 15  # where an 8-bit code sits in the fp32 pattern
@@ -141,6 +156,7 @@ def _kernel(
     loaded,
     consumed,
     *,
+    reduce: bool,
     slab_width: int | None,
     bits: int,
     w8a8: bool,
@@ -185,8 +201,11 @@ def _kernel(
             # row): strided SMEM loads do not lower in jax 0.11.
             slabs = [scale_smem] + ([zero_smem] if static_zero is None else [])
             refs = [scale_ref] + ([zero_ref] if static_zero is None else [])
+            # The slab starts at the multiple of 8 at or below ``lo`` (TMA boxes of
+            # the tiled slab start on a tile); past the last group TMA fills zeros.
+            slab_start = _mgpu.floordiv(lo, 8) * 8
             for i, (ref, slab) in enumerate(zip(refs, slabs, strict=True)):
-                columns_of_split = pl.ds(pl.multiple_of(lo, 8), slab_width)
+                columns_of_split = pl.ds(pl.multiple_of(slab_start, 8), slab_width)
                 plgpu.copy_gmem_to_smem(ref.at[rows, columns_of_split], slab, slab_barrier.at[i])
             for i in range(len(slabs)):
                 plgpu.barrier_wait(slab_barrier.at[i])
@@ -198,7 +217,8 @@ def _kernel(
             def row_params(k_step, slot):
                 del slot
                 picked = [
-                    jnp.sum(jnp.where(columns == k_step - lo, v, 0.0), axis=1) for v in slab_values
+                    jnp.sum(jnp.where(columns == k_step - slab_start, v, 0.0), axis=1)
+                    for v in slab_values
                 ]
                 return picked[0], (picked[1] if static_zero is None else static_zero)
         else:
@@ -294,10 +314,9 @@ def _kernel(
             acc = acc.astype(jnp.float32) * lax.broadcast_in_dim(scale, acc_shape, [0])
         else:
             acc = lax.fori_loop(lo, hi, int8_group_wise, _mgpu.zeros(acc_shape))
-        o_smem[...] = acc
+        o_smem[...] = acc.astype(o_smem.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, rows, tokens])
-        plgpu.wait_smem_to_gmem(0)
+        _mgpu.store_output_tile(o_smem, o_ref, split, (rows, tokens), reduce)
 
     @pl.when(wg == 1)
     def _memory():
@@ -322,19 +341,43 @@ def _kernel(
 MAX_SLAB_WIDTH = 32
 
 
-def slab_width_for(qw, blocks_per_split: int) -> int | None:
-    """Columns of the per-CTA scale slab (a multiple of 8), or None to stream per block.
+def _round_up_8(n: int) -> int:
+    return -(-n // 8) * 8
 
-    The slab is a TMA box of the stored ``[Np, K / 128]`` scales: it needs one
-    group per K block, rows of a multiple of 16 bytes, and a split of at most
-    32 blocks (the columns live in registers: ``width / 2`` per thread). Splits
-    are then rounded up to whole slabs, so that each starts at a multiple of 8.
+
+def split_plan(
+    qw, k_blocks: int, output_tiles: int, config: SwapConfig, reduction: str, per_channel: bool
+) -> tuple[int, int, int | None]:
+    """``(splits, blocks_per_split, slab_width)``; ``slab_width`` None: scales streamed per block.
+
+    The slab is a TMA box of the stored ``[Np, K / 128]`` scales starting at a
+    multiple of 8 columns: it needs one group per K block, 4 or a multiple of
+    8 groups, and at most 32 columns (they live in registers: ``width / 2``
+    per thread). Splits are rounded up to whole slabs of 8..32 blocks, so that
+    each starts where its slab does, unless (with "tma_add") that would leave
+    SMs idle: then splits keep their size and each reads the slab of the
+    multiples of 8 around it (a wider slab: more columns to pick from).
     """
+    tma_add = reduction == "tma_add"
+    splits = config.splits_for(output_tiles, k_blocks, fill_sms=tma_add)
+    blocks_per_split = cdiv(k_blocks, splits)
+    splits = cdiv(k_blocks, blocks_per_split)
     groups = qw.scales.shape[1]
-    width = -(-blocks_per_split // 8) * 8
-    if qw.group_size != BLOCK_K or groups % 4 or width > MAX_SLAB_WIDTH:
-        return None
-    return width
+    # TMA of the 8-column tiled slab: rows of 16 bytes and, past 8 columns, a
+    # whole number of tiles (K = 1536, 12 groups, failed to lower before).
+    if per_channel or qw.group_size != BLOCK_K or not (groups == 4 or groups % 8 == 0):
+        return splits, blocks_per_split, None
+    whole = _round_up_8(blocks_per_split)
+    whole_fits = whole <= MAX_SLAB_WIDTH
+    if whole_fits and (not tma_add or output_tiles * cdiv(k_blocks, whole) >= NUM_SMS):
+        return cdiv(k_blocks, whole), whole, whole
+    starts = range(0, k_blocks, blocks_per_split)
+    width = _round_up_8(max(lo % 8 + min(blocks_per_split, k_blocks - lo) for lo in starts))
+    if width <= MAX_SLAB_WIDTH:
+        return splits, blocks_per_split, width
+    if whole_fits:
+        return cdiv(k_blocks, whole), whole, whole
+    return splits, blocks_per_split, None
 
 
 def per_block(per_group, group_size: int, k_blocks: int):
@@ -345,9 +388,14 @@ def per_block(per_group, group_size: int, k_blocks: int):
     return per_k_block[:, :k_blocks].T.astype(jnp.float32)
 
 
-def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
-    """x ``[M, Kp]`` (bf16/fp16, or int8 with ``x_scale [M]``: W8A8) -> f32 ``[M, Np]``."""
+def matmul(x, qw, *, x_scale=None, out_dtype=jnp.float32, config: SwapConfig | None = None):
+    """x ``[M, Kp]`` (bf16/fp16, or int8 with ``x_scale [M]``: W8A8) -> ``[M, Np]``.
+
+    The result is ``out_dtype`` when the kernel writes it directly (one K
+    split, weight-only), fp32 otherwise.
+    """
     config = config or SwapConfig()
+    reduction = _mgpu.split_k_reduction_for(config.split_k_reduction)
     m, kp = x.shape
     np_ = qw.values.shape[0]
     if np_ % ROWS:
@@ -361,13 +409,9 @@ def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
     k_blocks = kp // BLOCK_K
     per_channel = w8a8 and qw.scales.shape[1] == 1
     output_tiles = (np_ // ROWS) * (mp // block_m)
-    splits = config.splits_for(output_tiles, k_blocks)
-    blocks_per_split = cdiv(k_blocks, splits)
-    splits = cdiv(k_blocks, blocks_per_split)
-    slab_width = None if per_channel else slab_width_for(qw, blocks_per_split)
-    if slab_width is not None:
-        blocks_per_split = slab_width
-        splits = cdiv(k_blocks, blocks_per_split)
+    splits, blocks_per_split, slab_width = split_plan(
+        qw, k_blocks, output_tiles, config, reduction, per_channel
+    )
     static_zero = None
     if qw.zeros is None:
         # Zero point of the codes the kernel dequantizes (int8 shifted to 0..255).
@@ -391,6 +435,8 @@ def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
     slab_shape = (ROWS, slab_width or 8)
     slab_transforms = _mgpu.smem_transforms(jnp.float32, 8)
     staging_dtype = jnp.bfloat16 if w8a8 else x.dtype
+    # One split writes the output itself (W8A8: fp32, the token scales come after).
+    o_dtype = jnp.dtype(out_dtype) if splits == 1 and not w8a8 else jnp.dtype(jnp.float32)
     buffers = (
         plgpu.SMEM(
             (num_slots, block_m, BLOCK_K), x.dtype, transforms=_mgpu.smem_transforms(x.dtype)
@@ -410,7 +456,7 @@ def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
             staging_dtype,
             transforms=_mgpu.smem_transforms(staging_dtype),
         ),
-        plgpu.SMEM((ROWS, block_m), jnp.float32),
+        plgpu.SMEM((ROWS, block_m), o_dtype),
     )
     smem = sum(math.prod(b.shape) * jnp.dtype(b.dtype).itemsize for b in buffers)
     if smem > SMEM_BYTES:
@@ -421,6 +467,7 @@ def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
         )
     kernel = functools.partial(
         _kernel,
+        reduce=splits > 1 and reduction == "tma_add",
         slab_width=slab_width,
         bits=qw.bits,
         w8a8=w8a8,
@@ -432,9 +479,9 @@ def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
         block_m=block_m,
         num_slots=num_slots,
     )
-    partials = plgpu.kernel(
+    kernel_with = lambda out_type: plgpu.kernel(  # noqa: E731
         kernel,
-        out_type=jax.ShapeDtypeStruct((splits, np_, mp), jnp.float32),
+        out_type=out_type,
         scratch_types=(
             *buffers,
             plgpu.Barrier(num_barriers=2),  # scale and zero-point slabs
@@ -445,8 +492,15 @@ def matmul(x, qw, *, x_scale=None, config: SwapConfig | None = None):
         num_threads=2,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(x, qw.values, scales, zeros)
-    y_t = partials.sum(axis=0)
+    )
+    y_t = _mgpu.split_k_output(
+        kernel_with,
+        (x, qw.values, scales, zeros),
+        splits=splits,
+        shape=(np_, mp),
+        reduction=reduction,
+        dtype=o_dtype,
+    )
     if w8a8:
         y_t = y_t * jnp.pad(x_scale.astype(jnp.float32), (0, mp - m))[None, :]
     return y_t.T[:m]

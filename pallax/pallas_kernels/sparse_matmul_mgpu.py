@@ -42,7 +42,14 @@ through ``plgpu.inline_mgpu`` on the GPU, and jax.numpy over the 128 threads
 as arrays for GPU interpret mode and the CPU tests. (The deprecated Triton
 dialect has gathers and would make this part easy.)
 
-Partial sums of the K splits are fp32 ``[splits, Np, Mp]``, summed in XLA.
+K splits (``SpmmConfig.split_k_reduction``, see ``_mgpu.SPLIT_K_REDUCTIONS``):
+by default each CTA reduce-adds its fp32 ``[64, block_m]`` tile into one
+zero-initialised fp32 ``[Np, Mp]`` accumulator with a TMA store ("tma_add":
+no partials in DRAM, so the split count is no longer capped by their bytes;
+the order of the adds, and so the last bits, vary run to run); "partials"
+writes fp32 ``[splits, Np, Mp]`` summed in XLA (bitwise reproducible), with
+the splits capped so that those stay within ``MAX_PARTIAL_FRACTION`` of the
+weight's bytes. One split writes the output directly.
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ TMA_BOX = 256  # elements per dimension of a tiled TMA copy
 RING_BYTES = 64 * 1024
 WARP = 32
 SMEM_BYTES = 227 * 1024  # per block on sm_90
+NUM_SMS = 132  # H100 SXM (one CTA per SM: 2 x 232 + 40 registers x 128 threads)
 # Decode strategies. "dense" visits all 32 bits of a thread's word (~9
 # instructions each, 32 independent loads in flight). "bits" zeroes the row
 # and visits only the set bits, BITS_UNROLL at a time (their loads issued
@@ -88,8 +96,9 @@ BITS_UNROLL = 8
 BITS_DECODE_MAX_DENSITY = 0.25
 
 
-# Default split-K: fp32 partials (written by the kernel, summed by XLA) at most
-# this fraction of the weight's bytes, so decode stays within ~1.1x its ideal bytes.
+# Default split-K with "partials": fp32 partials (written by the kernel, summed
+# by XLA) at most this fraction of the weight's bytes, so decode stays within
+# ~1.1x its ideal bytes. "tma_add" writes none, so only the tiles per split limit it.
 MAX_PARTIAL_FRACTION = 0.1
 
 
@@ -107,8 +116,11 @@ class SpmmConfig:
     value_chunk: int = 1024  # values per copy and per mbarrier (256: before issue 13)
     # Values ring size; None: RING_BYTES of the values' dtype (8192: before issue 13).
     ring_values: int | None = None
+    # "tma_add", "partials", or None: "tma_add" where available (_mgpu.SPLIT_K_REDUCTIONS).
+    split_k_reduction: str | None = None
 
     def __post_init__(self):
+        _mgpu.check_split_k_reduction(self.split_k_reduction)
         if self.decode not in (None, *DECODES):
             raise ValueError(f"decode={self.decode!r} must be one of {DECODES} or None")
         if self.compute_warpgroups not in (1, 2):
@@ -153,15 +165,25 @@ class SpmmConfig:
     ) -> int:
         """Split-K factor. ``split_bytes``: the fp32 partial sums one more split
         writes (and XLA reads back); by default they stay within
-        ``MAX_PARTIAL_FRACTION`` of the ``weight_bytes`` the kernel streams."""
+        ``MAX_PARTIAL_FRACTION`` of the ``weight_bytes`` the kernel streams.
+        Without partials ("tma_add": ``split_bytes=0``) splits cost no DRAM
+        bytes: the count up to the target that wastes the least of the last
+        wave of CTAs (one CTA per SM) wins, the larger on a tie."""
         if self.k_splits is not None:
             return max(1, min(self.k_splits, k_tiles))
         # Keep >= 4 tiles per split so the rings have something to overlap, and
         # <= 255 so a CTA's offsets fit one TMA box.
-        splits = max(1, min(cdiv(self.target_ctas, output_tiles), k_tiles // 4 or 1))
+        most = max(1, min(cdiv(self.target_ctas, output_tiles), k_tiles // 4 or 1))
         if split_bytes:  # a 90%-sparse weight is small: partials must not rival it
-            splits = max(1, min(splits, int(MAX_PARTIAL_FRACTION * weight_bytes) // split_bytes))
+            splits = max(1, min(most, int(MAX_PARTIAL_FRACTION * weight_bytes) // split_bytes))
+        else:
+            splits = max(range(1, most + 1), key=lambda s: (wave_efficiency(output_tiles * s), s))
         return max(splits, cdiv(k_tiles, 255))
+
+
+def wave_efficiency(ctas: int, num_sms: int = NUM_SMS) -> float:
+    """Busy fraction of the SMs over the waves ``ctas`` take at one CTA per SM."""
+    return ctas / (cdiv(ctas, num_sms) * num_sms)
 
 
 # ----------------------------------------------------------------------------
@@ -540,6 +562,7 @@ def _kernel(
     chunk_loaded,
     chunk_consumed,
     *,
+    reduce: bool,
     tiles_per_split: int,
     k_tiles: int,
     block_m: int,
@@ -742,11 +765,8 @@ def _kernel(
         @pl.when(wg == 0)
         def _():
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-                o_smem,
-                o_ref.at[split, pl.ds(n_tile * TILE, TILE), pl.ds(m_tile * block_m, block_m)],
-            )
-            plgpu.wait_smem_to_gmem(0)
+            tile = (pl.ds(n_tile * TILE, TILE), pl.ds(m_tile * block_m, block_m))
+            _mgpu.store_output_tile(o_smem, o_ref, split, tile, reduce)
 
 
 def offsets_table(w) -> jax.Array:
@@ -761,9 +781,23 @@ def offsets_table(w) -> jax.Array:
     return jnp.concatenate([tiles, jnp.broadcast_to(end, (1, 4)).astype(jnp.int32)])
 
 
+def k_splits(config: SpmmConfig, w, m: int, reduction: str) -> tuple[int, int]:
+    """``(splits, tiles_per_split)`` of the kernel for ``m`` tokens and ``w``."""
+    n_tiles, k_tiles = w.bitmap.shape[:2]
+    block_m = config.block_m_for(m)
+    mp = -(-m // block_m) * block_m
+    weight_bytes = sum(a.size * a.dtype.itemsize for a in (w.values, w.bitmap, w.tile_offsets))
+    # "tma_add": no partials, so their bytes do not limit the splits.
+    split_bytes = n_tiles * TILE * mp * 4 if reduction == "partials" else 0
+    splits = config.splits_for(n_tiles * (mp // block_m), k_tiles, split_bytes, weight_bytes)
+    tiles_per_split = cdiv(k_tiles, splits)
+    return cdiv(k_tiles, tiles_per_split), tiles_per_split
+
+
 def matmul(x, w, *, config: SpmmConfig | None = None):
     """x ``[M, Kp]`` (bf16/fp16) @ sparse ``w`` -> fp32 ``[M, Np]``."""
     config = config or SpmmConfig()
+    reduction = _mgpu.split_k_reduction_for(config.split_k_reduction)
     m, kp = x.shape
     n_tiles, k_tiles = w.bitmap.shape[:2]
     if kp != k_tiles * TILE:
@@ -781,17 +815,13 @@ def matmul(x, w, *, config: SpmmConfig | None = None):
     # bytes; otherwise a chunk is several TMA boxes, each arriving on its barrier
     # (value_chunk=256 is one box, as before issue 13).
     bulk_values = chunk > TMA_BOX and values.shape[0] * values.dtype.itemsize % 16 == 0
-    weight_bytes = sum(a.size * a.dtype.itemsize for a in (w.values, w.bitmap, w.tile_offsets))
-    splits = config.splits_for(
-        n_tiles * (mp // block_m), k_tiles, n_tiles * TILE * mp * 4, weight_bytes
-    )
-    tiles_per_split = cdiv(k_tiles, splits)
-    splits = cdiv(k_tiles, tiles_per_split)
+    splits, tiles_per_split = k_splits(config, w, m, reduction)
     # A short last split's table copy reads past the end: TMA zero-fills it (unused).
     offsets = offsets_table(w)
     num_slots = config.max_concurrent_steps
     kernel = functools.partial(
         _kernel,
+        reduce=splits > 1 and reduction == "tma_add",
         tiles_per_split=tiles_per_split,
         k_tiles=k_tiles,
         block_m=block_m,
@@ -824,9 +854,9 @@ def matmul(x, w, *, config: SpmmConfig | None = None):
             "ring_values"
         )
     loaded, consumed = _mgpu.ring_barriers(num_slots, 2, 1)
-    partials = plgpu.kernel(
+    kernel_with = lambda out_type: plgpu.kernel(  # noqa: E731
         kernel,
-        out_type=jax.ShapeDtypeStruct((splits, n_tiles * TILE, mp), jnp.float32),
+        out_type=out_type,
         scratch_types=(
             *buffers,
             plgpu.Barrier(num_barriers=1),
@@ -844,5 +874,12 @@ def matmul(x, w, *, config: SpmmConfig | None = None):
         num_threads=compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(x, values, w.bitmap, offsets)
-    return partials.sum(axis=0).T[:m]
+    )
+    y_t = _mgpu.split_k_output(
+        kernel_with,
+        (x, values, w.bitmap, offsets),
+        splits=splits,
+        shape=(n_tiles * TILE, mp),
+        reduction=reduction,
+    )
+    return y_t.T[:m]
