@@ -240,3 +240,17 @@ def interpreting() -> bool:
     from jax._src import config
 
     return config.pallas_tpu_interpret_mode_context_manager.value is not None
+
+
+def tma_reductions_available() -> bool:
+    """Whether ``copy_smem_to_gmem(..., reduction_op=...)`` can run for kernels traced now.
+
+    Always on a GPU. jax 0.11.2's GPU interpret mode has none unless
+    :mod:`pallax.testing` has taught it (it marks the callback it installs);
+    kernels ask here instead of importing the test helpers.
+    """
+    if not interpreting():
+        return True
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    return bool(getattr(gpu_callbacks.copy_smem_to_gmem, "_pallax_reductions", False))
