@@ -25,6 +25,8 @@ import threading
 
 import jax
 import numpy as np
+from jax._src import source_info_util
+from jax._src.pallas.mosaic.interpret.race_detection_state import _ranges_overlap
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 from jax._src.pallas.mosaic_gpu.interpret.params import (
     InterpretGPUParams,
@@ -100,6 +102,22 @@ class _AsyncReduceSmemToGmemTask(gpu_callbacks.AsyncCopySmemToGmemTask):
         super().__init__(*args, **kwargs)
         self.combine = combine
 
+    def post_read(self, tma_thread_id: int, shared_memory):
+        """As the plain store's race check, except that reductions do not race with
+        each other (each is one atomic update, and they commute); against plain
+        reads and writes of the window, unordered, they race as any write does."""
+        if not shared_memory.detect_races:
+            return
+        self.clock.inc(tma_thread_id)
+        self.write_clock = self.clock.copy()
+        _check_reduction(
+            self.thread,
+            self.clock.async_smem_clock.copy(),
+            self.dst_allocation_key,
+            self.dst_access.range,
+            self.source_info,
+        )
+
     def __call__(self, tma_thread_id: int):
         shared_memory = gpu_callbacks._get_shared_memory()
         self.pre_read(tma_thread_id, shared_memory)
@@ -129,6 +147,36 @@ class _AsyncReduceSmemToGmemTask(gpu_callbacks.AsyncCopySmemToGmemTask):
                     logging_info=self.logging_info,
                 )
         self.post_write(tma_thread_id, shared_memory)
+
+
+class _ReductionFrame(str):
+    """The source frame of a recorded TMA reduction (tells it from a plain write)."""
+
+
+def _check_reduction(thread, clock, buffer_key, window, source_info) -> None:
+    races = gpu_callbacks.get_races()
+    frame = _ReductionFrame(
+        "pallas_call" if source_info is None else source_info_util.summarize(source_info)
+    )
+    with races.lock:
+        writes = list(races.writes[buffer_key])
+        reads = list(races.reads[buffer_key])
+        # Recorded as a write, so later plain reads and writes are checked against it.
+        races.writes[buffer_key].append((thread, clock, window, frame))
+    accesses = [("write", w) for w in writes if not isinstance(w[3], _ReductionFrame)]
+    for kind, (other_thread, other_clock, other_window, other_frame) in accesses + [
+        ("read", r) for r in reads
+    ]:
+        if other_clock.ordered(clock) or not _ranges_overlap(window, other_window):
+            continue
+        print(
+            f"RACE DETECTED\n  TMA reduction into {buffer_key}[{window}] from {thread}, "
+            f"{frame}\n  clock: {clock}\n  {kind} of {buffer_key}[{other_window}] from "
+            f"{other_thread}, {other_frame}\n  clock: {other_clock}\n"
+        )
+        with races.lock:
+            races.races_found = True
+        return
 
 
 @gpu_callbacks.fail_on_exception

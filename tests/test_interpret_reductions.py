@@ -17,14 +17,28 @@ from jax import lax
 from pallax import testing
 
 
-def _reduce_into(x, acc, reduction_op):
-    """``acc <- reduce(acc, x[0], ..., x[n-1])``, one CTA per ``x[i]``, via TMA."""
+def _reduce_into(x, acc, reduction_op, plain_store_from_cta0=False):
+    """``acc <- reduce(acc, x[0], ..., x[n-1])``, one CTA per ``x[i]``, via TMA.
+
+    ``plain_store_from_cta0``: CTA 0 overwrites the window instead (a race)."""
 
     def body(x_ref, acc_ref, smem, barrier):
         i = lax.axis_index("i")
         plgpu.copy_gmem_to_smem(x_ref.at[i], smem, barrier)
         plgpu.barrier_wait(barrier)
-        plgpu.copy_smem_to_gmem(smem, acc_ref.at[pl.ds(8, 64)], reduction_op=reduction_op)
+        window = acc_ref.at[pl.ds(8, 64)]
+        if plain_store_from_cta0:
+
+            @pl.when(i == 0)
+            def _():
+                plgpu.copy_smem_to_gmem(smem, window)
+
+            @pl.when(i != 0)
+            def _():
+                plgpu.copy_smem_to_gmem(smem, window, reduction_op=reduction_op)
+
+        else:
+            plgpu.copy_smem_to_gmem(smem, window, reduction_op=reduction_op)
         plgpu.wait_smem_to_gmem(0)
 
     def run(refs):
@@ -71,3 +85,18 @@ def test_unsimulated_reduction_is_named():
     acc = jnp.zeros((80, 128), jnp.int32)
     with testing.gpu_interpret(), pytest.raises(Exception, match="reduction_op='xor'"):
         jax.block_until_ready(jax.jit(lambda x, a: _reduce_into(x, a, "xor"))(x, acc))
+
+
+def test_race_detection_knows_reductions_commute():
+    """Concurrent reductions into one window are not a race (each update is atomic and
+    they commute); a plain store into the window beside them is."""
+    x = jnp.ones((3, 64, 128), jnp.float32)
+    acc = jnp.zeros((80, 128), jnp.float32)
+    with testing.gpu_interpret(detect_races=True):
+        out = jax.block_until_ready(jax.jit(lambda x, a: _reduce_into(x, a, "add"))(x, acc))
+    assert not testing.races_detected()
+    np.testing.assert_array_equal(np.asarray(out)[8:72], 3.0)
+    racy = jax.jit(lambda x, a: _reduce_into(x, a, "add", plain_store_from_cta0=True))
+    with testing.gpu_interpret(detect_races=True):
+        jax.block_until_ready(racy(x, acc))
+    assert testing.races_detected()

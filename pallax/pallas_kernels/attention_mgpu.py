@@ -985,14 +985,17 @@ def backward(
         compiler_params=compiler_params,
     )
     if fuse_dq:
-        # The kernel adds into dq_acc (a mutable ref: zeros, then every CTA's
-        # partials) and stores dK/dV into refs too; XLA then reads dq_acc once to
-        # scale and cast it: 4 B/element memset + 4 B read + 2 B write.
+        # The kernel adds into dq_acc, a mutable ref (zeros, then every CTA's
+        # partials); XLA then reads it once to scale and cast it: 4 B/element
+        # memset + 4 B read + 2 B write. dK/dV stay kernel outputs, stored into
+        # refs only to leave run_state: inside shard_map, Mosaic kernels take no
+        # refs that vary over mesh axes, and a fresh zeros has no such axes.
         def run(refs):
-            dkv_kernel(out_type=())(q, k, v, do, lse, delta, *refs)
+            dq_acc_ref, dk_ref, dv_ref = refs
+            dk_ref[...], dv_ref[...] = dkv_kernel()(q, k, v, do, lse, delta, dq_acc_ref)
 
         dq_acc, dk, dv = pl.run_state(run)(
-            (jnp.zeros(q.shape, jnp.float32), jnp.zeros_like(k), jnp.zeros_like(v))
+            tuple(jnp.zeros(x.shape, t) for x, t in ((q, jnp.float32), (k, dtype), (v, dtype)))
         )
         return (dq_acc * scale).astype(dtype), dk, dv
 
