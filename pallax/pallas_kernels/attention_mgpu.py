@@ -717,7 +717,7 @@ def _dkv_kernel(
     (130); hd 128: 129 KiB (145). ``fuse_dq`` adds the fp32 dQ staging tiles
     ``2*bq*hd*4`` B (64 KiB at both) and, on the ``"registers"`` path, a dS^T
     tile ``2*bk*bq*2`` B (the ``"smem"`` path reuses its staging tile): hd 64:
-    194 KiB (194); hd 128: 209 KiB (209), under 227. hd 256 would need 257 KiB
+    194 KiB (194); hd 128: 210 KiB (210), under 227. hd 256 would need 257 KiB
     even without dQ and falls back to XLA.
     """
     if fuse_dq:
