@@ -11,7 +11,9 @@ reduction_op=...)``, ``cp.reduce.async.bulk``). Importing this module teaches
 it ``"add"``, ``"min"`` and ``"max"``: the destination window is read, combined
 with the SMEM source and written back under one lock, so concurrent CTAs
 reducing into the same GMEM tile behave as the hardware's L2 atomics do (in
-some order, each update whole).
+some order, each update whole). Under ``detect_races`` such reductions into
+one window do not race with each other (they commute), only with unordered
+plain reads and writes of it.
 
 Both pretend to be an H100 through an abstract mesh; kernels must not query the
 real device at trace time.
