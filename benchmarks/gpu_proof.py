@@ -926,6 +926,9 @@ SWEEP_PROBLEMS = {
     "spmm50_n16": dict(kernel="sparse_matmul", sparsity=0.5),
     "attn_causal_fwd": dict(kernel="attention", problem=0),
     "attn_window_fwd": dict(kernel="attention", problem=1),
+    # Forward + backward (A/B of backward knobs; not tuned: the key is the forward's).
+    "attn_causal_bwd": dict(kernel="attention", problem=0, backward=True),
+    "attn_window_bwd": dict(kernel="attention", problem=1, backward=True),
 }
 
 # (kernel, problem, config kwargs): one line per variant, most promising first.
@@ -961,6 +964,9 @@ SWEEP = [
         "spmm50_n16",
         {"compute_warpgroups": 1, "value_chunk": 256, "ring_values": 8192},
     ),
+    # Old against new (issue 13): the separate dQ kernel (S and dP recomputed, 7 GEMMs
+    # per block pair) against dQ fused into dK/dV with TMA adds (5), fwd+bwd timed.
+    ("attention", "attn_causal_bwd", {"dq_mode": "separate"}),
     ("sparse_matmul", "spmm90_n16", {"compute_warpgroups": 1}),
     ("sparse_matmul", "spmm90_n16", {"decode": "dense"}),
     ("sparse_matmul", "spmm90_n16", {"max_concurrent_steps": 6}),
@@ -985,6 +991,7 @@ SWEEP = [
     ("attention", "attn_causal_fwd", {"block_kv": 64, "max_concurrent_steps": 3}),
     ("attention", "attn_window_fwd", {"block_kv": 64}),
     ("attention", "attn_window_fwd", {"block_kv": 64, "max_concurrent_steps": 3}),
+    ("attention", "attn_window_bwd", {"dq_mode": "separate"}),
     ("sparse_matmul", "spmm90_n16", {"k_splits": 4}),
     ("sparse_matmul", "spmm80_n16", {"k_splits": 2}),
 ]
@@ -1006,6 +1013,7 @@ class SweepProblem:
         s = shapes()
         spec = dict(SWEEP_PROBLEMS[name])
         self.name, self.kernel = name, spec.pop("kernel")
+        self.tunes = True  # whether a winner goes to the tuned-config file
         key = jax.random.key(3)
         l2 = timing.l2_bytes()
         if self.kernel == "quantized_matmul":
@@ -1060,15 +1068,28 @@ class SweepProblem:
             self.cls, self.default = AttentionConfig, AttentionConfig.for_head_dim(d)
             left, right = normalize_window(True, window, seq, seq)
             self.key = _tuning.attention_key(d, seq, seq, left, right)
-            self.op = lambda q, k, v, config: dot_product_attention(
-                q,
-                k,
-                v,
-                is_causal=True,
-                local_window_size=window,
-                implementation=kernel_impl(),
-                config=config,
-            )
+
+            def attend(q, k, v, config):
+                return dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    is_causal=True,
+                    local_window_size=window,
+                    implementation=kernel_impl(),
+                    config=config,
+                )
+
+            def forward_and_backward(q, k, v, config):
+                def loss(q, k, v):
+                    return attend(q, k, v, config).astype(jnp.float32).sum()
+
+                return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+            # A backward problem shares the forward's tuned-config key, so it is an
+            # A/B only: timed and reported, never written to the tuned file.
+            self.tunes = not spec.get("backward", False)
+            self.op = attend if self.tunes else forward_and_backward
             keys = jax.random.split(key, 4)
             k_ = jax.random.normal(keys[0], (1, seq, s.kv_heads, d), jnp.bfloat16)
             v_ = jax.random.normal(keys[1], (1, seq, s.kv_heads, d), jnp.bfloat16)
@@ -1156,6 +1177,7 @@ def step_sweep(rec: Recorder):
         device_timed = t.method == "cupti" or dry_run()  # never tune on host noise
         if (
             device_timed
+            and sp.tunes
             and t.seconds < defaults[problem] * (1 - TUNED_MIN_GAIN)
             and (problem not in best or t.seconds < best[problem][0])
         ):

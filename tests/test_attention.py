@@ -120,13 +120,23 @@ def test_mosaic_forward_has_no_races():
     assert not testing.races_detected()
 
 
-def test_mosaic_backward_has_no_races():
-    """dQ and dK/dV issue their S / dP products in pairs; the rings stay race-free."""
+@pytest.mark.parametrize("dq_mode", ["fused", "separate"])
+def test_mosaic_backward_has_no_races(dq_mode):
+    """dQ and dK/dV issue their S / dP products in pairs; the rings stay race-free. Fused,
+    each warpgroup's dQ staging tile is rewritten only after its last TMA add has read
+    it, and the adds of both warpgroups and of every CTA into the same dQ rows are
+    reductions, not races."""
     q, k, v, do = random_qkv(7, 1, 256, 256, 2, 1, 64, jnp.bfloat16)
 
     def loss(q, k, v):
         out = dot_product_attention(
-            q, k, v, is_causal=True, local_window_size=100, implementation="mosaic"
+            q,
+            k,
+            v,
+            is_causal=True,
+            local_window_size=100,
+            implementation="mosaic",
+            config=AttentionConfig(block_q_bwd=128, dq_mode=dq_mode),
         )
         return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
 
@@ -197,6 +207,8 @@ def test_bad_config_raises():
         AttentionConfig(max_concurrent_steps=1)
     with pytest.raises(ValueError, match="p_operand='tmem'"):
         AttentionConfig(p_operand="tmem")
+    with pytest.raises(ValueError, match="dq_mode='atomic'"):
+        AttentionConfig(dq_mode="atomic")
 
 
 def kernel_jaxpr(config, interpret=False):
@@ -219,15 +231,35 @@ def kernel_jaxpr(config, interpret=False):
 def test_p_operand_registers_on_gpu_smem_in_interpret_mode():
     """On the GPU, P / dS / P^T / dS^T go to wgmma from registers, accumulated in place
     (``run_state``, one per loop phase of the forward, dQ and dK/dV) with no staging
-    stores; interpret mode and ``p_operand="smem"`` stage them in SMEM instead."""
-    registers = kernel_jaxpr(AttentionConfig())
-    assert kernel_jaxpr(AttentionConfig(p_operand="registers")) == registers
-    smem = kernel_jaxpr(AttentionConfig(p_operand="smem"))
+    stores; interpret mode and ``p_operand="smem"`` stage them in SMEM instead.
+    (Three kernels: ``dq_mode="separate"``; the fused dQ is tested below.)"""
+    separate = AttentionConfig(dq_mode="separate")
+    registers = kernel_jaxpr(separate)
+    assert kernel_jaxpr(dataclasses.replace(separate, p_operand="registers")) == registers
+    smem = kernel_jaxpr(dataclasses.replace(separate, p_operand="smem"))
     assert registers.count("run_state") == 3 * (1 + 1 + 1)
     assert smem.count("run_state") == 0
     # Staging fences: one per register-operand GEMM site (forward 3, dQ 3, dK/dV 6).
     assert smem.count("commit_smem") - registers.count("commit_smem") == 3 + 3 + 6
-    assert kernel_jaxpr(AttentionConfig(), interpret=True).count("run_state") == 0
+    assert kernel_jaxpr(separate, interpret=True).count("run_state") == 0
+
+
+def test_fused_dq_is_two_kernels_with_tma_add_reductions():
+    """``dq_mode="fused"`` (the default on an H100 and in pallax's interpret mode):
+    forward + one backward kernel whose every loop phase sends dQ partials to GMEM
+    with a TMA add; its dK/dV/dQ GEMMs from registers are one in-place group per
+    phase, plus the run_state that carries the dQ accumulator ref."""
+    for config in (AttentionConfig(), AttentionConfig(dq_mode="fused")):
+        fused = kernel_jaxpr(config)
+        assert fused.count("mpmd_map") == 2
+        assert fused.count("reduction_op=add") == 3
+        assert fused.count("run_state") == 3 + 3 + 1
+    separate = kernel_jaxpr(AttentionConfig(dq_mode="separate"))
+    assert separate.count("mpmd_map") == 3 and "reduction_op" not in separate
+    smem = kernel_jaxpr(AttentionConfig(dq_mode="fused", p_operand="smem"))
+    assert smem.count("reduction_op=add") == 3 and smem.count("run_state") == 1
+    interpreted = kernel_jaxpr(AttentionConfig(), interpret=True)
+    assert interpreted.count("reduction_op=add") == 3
 
 
 def test_register_operands_are_refused_in_interpret_mode():
@@ -241,12 +273,14 @@ def test_register_operands_are_refused_in_interpret_mode():
 
 
 def soft_capped_reference(q, k, v, *, scale, cap, left, right):
-    """Independent fp32 attention with Gemma 2's soft cap: einsum, tanh, mask, softmax."""
+    """Independent fp32 attention with Gemma 2's soft cap (``cap=None``: none): einsum,
+    tanh, mask, softmax."""
     q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
     group = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     logits = jnp.einsum("bthd,bshd->bhts", q, k, precision="highest") * scale
-    logits = cap * jnp.tanh(logits / cap)
+    if cap is not None:
+        logits = cap * jnp.tanh(logits / cap)
     i = jnp.arange(q.shape[1])[:, None]
     j = jnp.arange(k.shape[1])[None, :]
     visible = (j >= i - left) & (j <= i + right)
@@ -351,3 +385,110 @@ def test_head_dim_256_backward_uses_register_operands_on_gpu():
     assert registers.count("run_state") == 3 * 3 and smem.count("run_state") == 0
     # Staging fences: forward 3 (P), dQ 3 (dS), dK/dV 6 (P^T and dS^T).
     assert smem.count("commit_smem") - registers.count("commit_smem") == 3 + 3 + 6
+
+
+# (batch, q_len, kv_len, heads, kv_heads, head_dim, is_causal, window, dtype, cap)
+DQ_MODE_CASES = [
+    # Causal sliding window, GQA 2:1, head_dim 64 (128-query backward steps).
+    (1, 200, 200, 4, 2, 64, True, (40, 0), jnp.bfloat16, None),
+    # Two-sided window, soft cap, MQA, head_dim 128, fp16.
+    (1, 130, 150, 2, 1, 128, False, (16, 8), jnp.float16, 3.0),
+]
+
+
+@pytest.mark.parametrize("case", DQ_MODE_CASES, ids=lambda c: "-".join(map(str, c[:8] + c[9:])))
+def test_fused_and_separate_dq_match_the_reference(case):
+    """dQ accumulated by TMA adds in the dK/dV kernel against the separate dQ kernel and
+    an fp32 reference; dK/dV do not depend on the mode."""
+    b, t, s, h, kh, d, is_causal, window, dtype, cap = case
+    q, k, v, do = random_qkv(8, b, t, s, h, kh, d, dtype)
+    scale = 0.5 if cap else None
+    left, right = normalize_window(is_causal, window, t, s)
+
+    def grads(config):
+        def loss(q, k, v):
+            out = dot_product_attention(
+                q,
+                k,
+                v,
+                scale=scale,
+                is_causal=is_causal,
+                local_window_size=window,
+                logits_soft_cap=cap,
+                implementation="mosaic",
+                config=config,
+            )
+            return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    base = AttentionConfig.for_head_dim(d)
+    with testing.gpu_interpret():
+        fused = grads(dataclasses.replace(base, dq_mode="fused"))
+        separate = grads(dataclasses.replace(base, dq_mode="separate"))
+    reference = functools.partial(
+        soft_capped_reference,
+        scale=scale or 1 / np.sqrt(d),
+        cap=cap,
+        left=left,
+        right=right,
+    )
+    ref_grads = jax.grad(
+        lambda q, k, v: jnp.sum(reference(q, k, v) * do.astype(jnp.float32)), argnums=(0, 1, 2)
+    )(q, k, v)
+    as32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    tol = TOLERANCE[dtype]
+    for mode, got in (("fused", fused), ("separate", separate)):
+        for name, g, g_ref in zip("qkv", got, ref_grads, strict=True):
+            g_scale = max(1.0, float(np.abs(as32(g_ref)).max()))
+            np.testing.assert_allclose(
+                as32(g),
+                as32(g_ref),
+                atol=2 * tol * g_scale,
+                rtol=2 * tol,
+                err_msg=f"{mode} d{name}",
+            )
+    # Same fp32 terms summed in another order: dQ agrees to about one 16-bit rounding.
+    dq_scale = float(np.abs(as32(separate[0])).max())
+    np.testing.assert_allclose(
+        as32(fused[0]), as32(separate[0]), atol=tol * dq_scale / 4, rtol=tol / 2
+    )
+    for name, g_fused, g_separate in zip("kv", fused[1:], separate[1:], strict=True):
+        np.testing.assert_array_equal(as32(g_fused), as32(g_separate), err_msg=f"d{name}")
+
+
+def test_dq_mode_falls_back_where_fused_cannot_run(monkeypatch):
+    """``dq_mode=None`` picks the separate kernel for head_dim > 128, for tiles whose
+    fused kernel overflows shared memory, and in an interpret mode without TMA
+    reductions (jax's own, when pallax.testing has not patched it), where it still
+    computes the right gradients; ``dq_mode="fused"`` there is refused by name."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    bf16 = jnp.bfloat16
+    assert AttentionConfig().resolved_dq_mode(64, bf16) == "fused"
+    assert AttentionConfig().resolved_dq_mode(256, bf16) == "separate"
+    big = AttentionConfig(block_kv_bwd=128)  # fused: ~290 KiB at head_dim 128
+    assert big.resolved_dq_mode(64, bf16) == "fused"
+    assert big.resolved_dq_mode(128, bf16) == "separate"
+    with pytest.raises(ValueError, match="dq_mode='fused'.*290 KiB of shared memory"):
+        dataclasses.replace(big, dq_mode="fused").resolved_dq_mode(128, bf16)
+    assert AttentionConfig(dq_mode="separate").resolved_dq_mode(64, bf16) == "separate"
+
+    assert testing.tma_reductions_simulated()
+    monkeypatch.setattr(
+        gpu_callbacks, "copy_smem_to_gmem", gpu_callbacks.copy_smem_to_gmem.__wrapped__
+    )
+    assert not testing.tma_reductions_simulated()
+    q, k, v, do = random_qkv(9, 1, 64, 64, 2, 1, 64, bf16)
+    with testing.gpu_interpret():
+        assert AttentionConfig().resolved_dq_mode(64, bf16) == "separate"
+        with pytest.raises(ValueError, match="dq_mode='fused'.*without simulated TMA"):
+            AttentionConfig(dq_mode="fused").resolved_dq_mode(64, bf16)
+        out, grads = jax.jit(
+            functools.partial(loss_and_grads, "mosaic", is_causal=True, window=None)
+        )(q, k, v, do)
+    _, ref_grads = loss_and_grads("jax", q, k, v, do, True, None)
+    for name, g, g_ref in zip("qkv", grads, ref_grads, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(g_ref, np.float32), atol=0.1, err_msg=name
+        )

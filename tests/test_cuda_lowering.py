@@ -72,6 +72,47 @@ def test_attention_smem_operand_path_lowers(head_dim, is_causal, window, cap):
     assert mosaic_kernels(exported.mlir_module()) >= 3
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("p_operand", ["registers", "smem"])
+def test_fused_dq_backward_lowers_within_shared_memory(head_dim, p_operand):
+    """The dK/dV kernel with dQ fused (TMA add-reductions, dS^T read transposed as
+    wgmma's A operand) lowers at the dispatch's tiles for both operand placements, two
+    kernels in all, and its shared memory is what ``dkv_smem_bytes`` predicts (<= 227 KiB)."""
+    import dataclasses as dc
+
+    from benchmarks import gpu_proof
+    from pallax.pallas_kernels import AttentionConfig
+    from pallax.pallas_kernels import attention_mgpu as am
+
+    q = jax.ShapeDtypeStruct((1, 1000, 4, head_dim), jnp.float16)
+    kv = jax.ShapeDtypeStruct((1, 1000, 2, head_dim), jnp.float16)
+    config = dc.replace(
+        AttentionConfig.for_head_dim(head_dim), p_operand=p_operand, dq_mode="fused"
+    )
+    attend = functools.partial(
+        dot_product_attention,
+        is_causal=True,
+        local_window_size=256,
+        implementation="mosaic",
+        config=config,
+    )
+
+    def loss(q, k, v):
+        return attend(q, k, v).astype(jnp.float32).sum()
+
+    uninstall = gpu_proof.install_smem_hook()
+    before = len(gpu_proof._LOWERED)
+    try:
+        testing.lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
+    finally:
+        uninstall()
+    forward, backward = gpu_proof._LOWERED[before:]
+    expected = am.dkv_smem_bytes(config, head_dim, jnp.float16, p_operand, fuse_dq=True)
+    assert backward["smem_dynamic"] == expected <= am.SMEM_BYTES
+    # One CTA per 128 keys (1000 padded to 1024) per kv head: (batch, kv tiles, kv heads).
+    assert backward["grid"] == [1, 8, 2]
+
+
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("num_new, window, rolling", [(1, None, False), (4, 512, True)])
 def test_decode_lowers(head_dim, num_new, window, rolling):

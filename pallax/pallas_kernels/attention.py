@@ -258,7 +258,10 @@ def dot_product_attention(
         otherwise), ``"mosaic"`` or ``"xla"``.
       config: tile sizes for the Mosaic kernel, default from head_dim, and
         ``p_operand`` (register A operands on the GPU, SMEM staging in GPU
-        interpret mode; see :class:`AttentionConfig`).
+        interpret mode; see :class:`AttentionConfig`). ``dq_mode`` picks the
+        backward's dQ: ``"fused"`` into the dK/dV kernel with fp32 atomic adds
+        (the default where it fits; not bitwise reproducible run to run) or
+        ``"separate"`` (a second, deterministic kernel).
 
     Returns:
       ``[batch, q_len, num_heads, head_dim]`` in ``query.dtype``.

@@ -53,6 +53,7 @@ from pallax.pallas_kernels._mgpu import (
     cdiv,
     clamp,
     floordiv,
+    mma,
     mma_from_registers,
     zeros,
 )
@@ -64,6 +65,9 @@ MAX_BACKWARD_HEAD_DIM = 256  # 256: attention_backward_wide_mgpu (head-dim split
 
 
 P_OPERANDS = ("registers", "smem")
+DQ_MODES = ("fused", "separate")
+MAX_FUSED_DQ_HEAD_DIM = 128  # The fused dK/dV/dQ tiles are sized for head_dim <= 128.
+SMEM_BYTES = 227 * 1024  # per CTA on sm_90
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +88,20 @@ class AttentionConfig:
       and no ``run_state`` accumulators.
     * ``None`` (default): ``"registers"`` when compiling for a GPU, ``"smem"``
       in GPU interpret mode.
+
+    ``dq_mode`` says how the backward pass computes dQ:
+
+    * ``"fused"``: the dK/dV kernel also multiplies its dS by its own keys and
+      adds the fp32 ``[block_q_bwd, head_dim]`` partial into a GMEM accumulator
+      with a TMA add-reduction (FlashAttention-2/3's dQ accumulation): 5 GEMMs
+      per (query block, key block) pair instead of 7. The adds land in whatever
+      order the CTAs reach them, so dQ is not bitwise reproducible run to run
+      (fp32 addition is not associative); dK and dV are.
+    * ``"separate"``: a second kernel recomputes S and dP per query tile and
+      accumulates dQ in registers: deterministic, two more GEMMs per pair.
+    * ``None`` (default): ``"fused"`` where it can run (head_dim <= 128, its
+      tiles fit shared memory, and TMA reductions exist: on a GPU, or in GPU
+      interpret mode with :mod:`pallax.testing` imported), else ``"separate"``.
     """
 
     block_q: int = 64
@@ -93,10 +111,13 @@ class AttentionConfig:
     block_kv_bwd: int = 64
     max_concurrent_steps_bwd: int = 2
     p_operand: str | None = None
+    dq_mode: str | None = None
 
     def __post_init__(self):
         if self.p_operand is not None and self.p_operand not in P_OPERANDS:
             raise ValueError(f"p_operand={self.p_operand!r} must be one of {P_OPERANDS} or None")
+        if self.dq_mode is not None and self.dq_mode not in DQ_MODES:
+            raise ValueError(f"dq_mode={self.dq_mode!r} must be one of {DQ_MODES} or None")
         for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
             value = getattr(self, name)
             if value <= 0 or value % 64:
@@ -134,6 +155,37 @@ class AttentionConfig:
                 "p_operand='smem' or None"
             )
         return self.p_operand
+
+    def resolved_dq_mode(self, head_dim: int, dtype) -> str:
+        """``dq_mode`` for the backward pass being traced now (see the class docstring)."""
+        obstacle = self._fused_dq_obstacle(head_dim, dtype)
+        if self.dq_mode is None:
+            return "separate" if obstacle else "fused"
+        if self.dq_mode == "fused" and obstacle:
+            raise ValueError(
+                f"AttentionConfig(dq_mode='fused') cannot run: {obstacle}; "
+                "use dq_mode='separate' or None"
+            )
+        return self.dq_mode
+
+    def _fused_dq_obstacle(self, head_dim: int, dtype) -> str | None:
+        if head_dim > MAX_FUSED_DQ_HEAD_DIM:
+            return f"head_dim {head_dim} > {MAX_FUSED_DQ_HEAD_DIM}"
+        if not _mgpu.tma_reductions_available():
+            return (
+                "GPU interpret mode without simulated TMA reductions "
+                "(import pallax.testing to add them)"
+            )
+        smem = dkv_smem_bytes(self, head_dim, dtype, self.resolved_p_operand(), fuse_dq=True)
+        if smem > SMEM_BYTES:
+            return (
+                f"its dK/dV/dQ kernel needs ~{smem // 1024} KiB of shared memory at head_dim "
+                f"{head_dim} (block_q_bwd={self.block_q_bwd}, block_kv_bwd="
+                f"{self.block_kv_bwd}, max_concurrent_steps_bwd="
+                f"{self.max_concurrent_steps_bwd}), more than the {SMEM_BYTES // 1024} KiB of "
+                "an H100"
+            )
+        return None
 
     @property
     def q_rows_per_cta(self) -> int:
@@ -217,34 +269,54 @@ def _apply_mask(window: Window, s, q_start, k_start, transposed: bool = False):
     return jnp.where(mask, s, -jnp.inf)
 
 
+@dataclasses.dataclass(frozen=True)
+class _InSmem:
+    """An A operand already stored (and fenced) in shared memory: wgmma reads the ref."""
+
+    ref: object
+
+
 def _accumulate(accs, products, staging_smem=None, while_in_flight=None):
     """``acc + a @ b`` for each ``acc`` of ``accs`` and ``(a, b)`` of ``products``, on
-    the tensor cores; each ``a`` a register array, each ``b`` an SMEM ref.
+    the tensor cores; each ``a`` a register array or an :class:`_InSmem` ref, each
+    ``b`` an SMEM ref. An ``acc`` of ``None`` is a fresh zero accumulator.
 
-    Without ``staging_smem`` (``p_operand="registers"``) every ``a`` goes to wgmma
-    as a register A operand (cast to ``b``'s 16-bit dtype); all products are
-    issued back to back, accumulate in place, and are awaited once on return.
+    Without ``staging_smem`` (``p_operand="registers"``) every register ``a`` goes
+    to wgmma as a register A operand (cast to ``b``'s 16-bit dtype); all products
+    are issued back to back, accumulate in place, and are awaited once on return.
     ``while_in_flight()`` is traced after they are issued, so it runs while the
-    tensor cores work. With ``staging_smem`` (``"smem"``) each ``a`` in turn is
-    stored and fenced there and a fresh accumulator is added, the path GPU
-    interpret mode runs. Returns the tuple of updated accumulators.
+    tensor cores work. With ``staging_smem`` (``"smem"``) each register ``a`` in
+    turn is stored and fenced there and a fresh accumulator is added, the path
+    GPU interpret mode runs. Returns the tuple of updated accumulators.
     """
+
+    def operand_rows(a):
+        return (a.ref if isinstance(a, _InSmem) else a).shape[0]
+
+    shapes = [(operand_rows(a), b.shape[-1]) for a, b in products]
     if staging_smem is None:
 
         def body(acc_refs):
             for acc_ref, (a, b) in zip(acc_refs, products, strict=True):
-                plgpu.wgmma(acc_ref, a.astype(b.dtype), b)
+                plgpu.wgmma(acc_ref, a.ref if isinstance(a, _InSmem) else a.astype(b.dtype), b)
             if while_in_flight is not None:
                 while_in_flight()
 
-        return pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc in accs))
-    accs = tuple(
-        acc + mma_from_registers(a, staging_smem, b, acc.shape)
-        for acc, (a, b) in zip(accs, products, strict=True)
-    )
+        init = tuple(
+            plgpu.ACC.init(zeros(shape) if acc is None else acc)
+            for acc, shape in zip(accs, shapes, strict=True)
+        )
+        return pl.run_state(body)(init)
+    results = []
+    for acc, (a, b), shape in zip(accs, products, shapes, strict=True):
+        if isinstance(a, _InSmem):
+            product = mma(a.ref, b, shape)
+        else:
+            product = mma_from_registers(a, staging_smem, b, shape)
+        results.append(product if acc is None else acc + product)
     if while_in_flight is not None:
         while_in_flight()
-    return accs
+    return tuple(results)
 
 
 def _mma_pair(first, second):
@@ -599,31 +671,35 @@ def _dkv_kernel(
     do_ref,
     lse_ref,
     delta_ref,
-    dk_ref,
-    dv_ref,
-    k_smem2,
-    v_smem2,
-    q_smem,
-    do_smem,
-    lse_smem,
-    delta_smem,
-    t_smem2,
-    own_barriers,
-    loaded,
-    consumed,
-    *,
+    *refs,
     window: Window,
     config: AttentionConfig,
     scale: float,
     group: int,
     logits_soft_cap: float | None,
+    fuse_dq: bool,
 ):
-    """dK and dV for ``2 * block_kv`` keys of one kv head (all its query heads).
+    """dK and dV for ``2 * block_kv`` keys of one kv head (all its query heads),
+    and with ``fuse_dq`` these keys' share of dQ.
+
+    ``refs``: ``dq_acc_ref`` (``fuse_dq`` only: fp32 ``[B, Tq_pad, H, D]``,
+    zero-initialised, added into), ``dk_ref``, ``dv_ref``, then the scratch of
+    :func:`backward` (the dS^T and dQ staging tiles are None without ``fuse_dq``).
 
     Per query step: S^T = K Q^T and dP^T = V dO^T as one wgmma group, then
     dV += P^T dO and dK += dS^T Q as a second group with register A operands
     accumulated in place: two waits per step (the ``"smem"`` path stages P^T
     and dS^T one after the other: three waits and two fenced stores).
+
+    With ``fuse_dq``, dS^T is stored (16-bit) to a staging tile and the second
+    group becomes dV += P^T dO (P^T from registers), dK += dS^T Q and a fresh
+    ``dQ_part = dS K_wg`` (``[bq, hd]`` fp32; dS is the staged dS^T read
+    transposed as wgmma's A operand, which 16-bit types allow), still one wait.
+    ``dQ_part`` goes to an fp32 SMEM tile (after the previous step's reduction
+    has read it: ``wait_smem_to_gmem(0, wait_read_only=True)``, a whole step
+    later, so free) and a TMA ``add`` reduction sends it into ``dq_acc``; the
+    caller scales and casts ``dq_acc`` in XLA. Both warpgroups and all CTAs of
+    the query block's window add into the same rows (L2 atomics, any order).
 
     Registers per compute thread (``bk = block_kv_bwd`` keys per warpgroup,
     ``bq = block_q_bwd`` queries per step): dK and dV accumulators
@@ -631,13 +707,41 @@ def _dkv_kernel(
     16-bit P^T and dS^T half that each. hd 128 (64 x 64): 64+64+32+32+16 =
     ~210, close to the 232 cap; hd 64 (64 x 128): 32+32+64+64+32 = ~220. The
     ``"smem"`` path adds a fresh dK/dV-sized accumulator (~274 at hd 128,
-    predicted to spill).
+    predicted to spill). ``fuse_dq`` adds the transient dQ_part ``bq*hd/128``
+    (64 at both head dims), live only in the second group, once S^T/dP^T
+    (fp32) and dS^T (now read from SMEM) are dead: dK + dV + P^T (16-bit) +
+    dQ_part = 64+64+16+64 = ~208 at hd 128, 32+32+32+64 = ~160 at hd 64, below
+    the softmax-time peaks above.
 
-    SMEM: the CTA's K and V tiles ``2*bk*hd*2`` B each, Q/dO ring
-    ``2*slots*bq*hd*2`` B, lse/delta ring ``2*slots*bq*4`` B, plus a P^T/dS^T
-    staging tile ``2*bk*bq*2`` B on the ``"smem"`` path: hd 64: 98 KiB (130);
-    hd 128: 129 KiB (145). hd 256 would need 257 KiB and falls back to XLA.
+    SMEM (:func:`dkv_smem_bytes`): the CTA's K and V tiles ``2*bk*hd*2`` B each,
+    Q/dO ring ``2*slots*bq*hd*2`` B, lse/delta ring ``2*slots*bq*4`` B, plus a
+    P^T/dS^T staging tile ``2*bk*bq*2`` B on the ``"smem"`` path: hd 64: 98 KiB
+    (130); hd 128: 129 KiB (145). ``fuse_dq`` adds the fp32 dQ staging tiles
+    ``2*bq*hd*4`` B (64 KiB at both) and, on the ``"registers"`` path, a dS^T
+    tile ``2*bk*bq*2`` B (the ``"smem"`` path reuses its staging tile): hd 64:
+    194 KiB (194); hd 128: 210 KiB (210), under 227. hd 256 would need 257 KiB
+    even without dQ and falls back to XLA.
     """
+    if fuse_dq:
+        dq_acc_ref, *refs = refs
+    else:
+        dq_acc_ref = None
+    (
+        dk_ref,
+        dv_ref,
+        k_smem2,
+        v_smem2,
+        q_smem,
+        do_smem,
+        lse_smem,
+        delta_smem,
+        t_smem2,
+        ds_smem2,
+        dq_smem2,
+        own_barriers,
+        loaded,
+        consumed,
+    ) = refs
     block_q, block_kv = config.block_q_bwd, config.block_kv_bwd
     num_slots = config.max_concurrent_steps_bwd
     batch = lax.axis_index("batch")
@@ -660,6 +764,9 @@ def _dkv_kernel(
         plgpu.set_max_registers(_mgpu.COMPUTE_WG_REGISTERS, action="increase")
         k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
         t_smem = None if t_smem2 is None else t_smem2.at[wg]  # None: registers
+        if fuse_dq:
+            dq_smem = dq_smem2.at[wg]
+            ds_t_smem = t_smem if ds_smem2 is None else ds_smem2.at[wg]
         k_start = cta_k_start + wg * block_kv
         keys = pl.ds(k_start, block_kv)
         plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem, own_barriers.at[wg])
@@ -673,7 +780,7 @@ def _dkv_kernel(
         q_consumed, do_consumed, lse_consumed, delta_consumed = consumed
         col_layout = plgpu.Layout.WGMMA.reduce(0)
 
-        def step(linear_step, q_block, carry, masked):
+        def step(linear_step, head, q_block, carry, masked):
             dk, dv = carry
             slot = _mgpu.slot_of(linear_step, 0, num_slots)
             plgpu.barrier_wait(q_loaded.at[slot])
@@ -694,21 +801,45 @@ def _dkv_kernel(
             plgpu.barrier_arrive(delta_consumed.at[slot])
             ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
             ds_t = _mgpu.soft_cap_grad(ds_t, squashed_t)
-            # dV and dK: on the register path both wgmmas go out together, one wait.
-            dv, dk = _accumulate(
-                (dv, dk),
-                ((p_t, do_smem.at[slot]), (ds_t, q_smem.at[slot])),
-                staging_smem=t_smem,
-            )
+            if not fuse_dq:
+                # dV and dK: on the register path both wgmmas go out together, one wait.
+                dv, dk = _accumulate(
+                    (dv, dk),
+                    ((p_t, do_smem.at[slot]), (ds_t, q_smem.at[slot])),
+                    staging_smem=t_smem,
+                )
+            else:
+                if t_smem is not None:  # "smem": P^T first, then dS^T in the same tile.
+                    (dv,) = _accumulate((dv,), ((p_t, do_smem.at[slot]),), staging_smem=t_smem)
+                ds_t_smem[...] = ds_t.astype(dtype)
+                plgpu.commit_smem()  # Make the generic-proxy stores visible to wgmma.
+                products = ((_InSmem(ds_t_smem), q_smem.at[slot]), (_InSmem(ds_t_smem.T), k_smem))
+                if t_smem is None:  # "registers": one group for dV, dK and dQ.
+                    dv, dk, dq_part = _accumulate(
+                        (dv, dk, None), ((p_t, do_smem.at[slot]), *products)
+                    )
+                else:
+                    dk, dq_part = _accumulate((dk, None), products, staging_smem=t_smem)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last step's add read dq_smem
+                dq_smem[...] = dq_part
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    dq_smem,
+                    dq_acc_ref.at[batch, pl.ds(q_block * block_q, block_q), head],
+                    reduction_op="add",
+                )
             plgpu.barrier_arrive(do_consumed.at[slot])
             plgpu.barrier_arrive(q_consumed.at[slot])
             return dk, dv
 
         def head_loop(local_head, carry):
             base = local_head * q_blocks - q_lo  # linear step = base + q_block
+            head = kv_head * group + local_head
 
             def phase(lo_, hi_, masked, carry):
-                return lax.fori_loop(lo_, hi_, lambda qb, c: step(base + qb, qb, c, masked), carry)
+                return lax.fori_loop(
+                    lo_, hi_, lambda qb, c: step(base + qb, head, qb, c, masked), carry
+                )
 
             carry = phase(q_lo, full_lo, True, carry)
             carry = phase(full_lo, full_hi, False, carry)
@@ -722,7 +853,7 @@ def _dkv_kernel(
         plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[batch, keys, kv_head], commit_group=False)
         plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[batch, keys, kv_head], commit_group=False)
         plgpu.commit_smem_to_gmem_group()
-        plgpu.wait_smem_to_gmem(0)
+        plgpu.wait_smem_to_gmem(0)  # dK, dV and every dQ reduction
 
     @pl.when(wg == NUM_COMPUTE_WGS)
     def _memory():
@@ -747,6 +878,31 @@ def _dkv_kernel(
             for src, smem, ld, cs in zip(sources, smems, loaded, consumed, strict=True)
         ]
         _mgpu.produce(streams, 0, num_steps, num_slots)
+
+
+def dkv_smem_bytes(
+    config: AttentionConfig, head_dim: int, dtype, p_operand: str, fuse_dq: bool
+) -> int:
+    """Shared memory of one dK/dV CTA (see :func:`_dkv_kernel`), barriers included."""
+    itemsize = jnp.dtype(dtype).itemsize
+    bq, bk, slots = config.block_q_bwd, config.block_kv_bwd, config.max_concurrent_steps_bwd
+    staging = NUM_COMPUTE_WGS * bk * bq * itemsize
+    buffers = [
+        NUM_COMPUTE_WGS * bk * head_dim * itemsize,  # K tiles
+        NUM_COMPUTE_WGS * bk * head_dim * itemsize,  # V tiles
+        slots * bq * head_dim * itemsize,  # Q ring
+        slots * bq * head_dim * itemsize,  # dO ring
+        slots * bq * 4,  # lse ring
+        slots * bq * 4,  # delta ring
+    ]
+    if p_operand == "smem":
+        buffers.append(staging)  # P^T / dS^T
+    if fuse_dq:
+        buffers.append(NUM_COMPUTE_WGS * bq * head_dim * 4)  # fp32 dQ partials
+        if p_operand == "registers":
+            buffers.append(staging)  # dS^T
+    # Mosaic aligns each buffer to 1 KiB (swizzled tiles need it); 8 B per barrier.
+    return sum(-(-n // 1024) * 1024 for n in buffers) + 8 * (2 * NUM_COMPUTE_WGS + 8 * slots)
 
 
 def backward(
@@ -793,6 +949,58 @@ def backward(
         (num_slots, rows, head_dim), dtype, transforms=transforms
     )
 
+    fuse_dq = config.resolved_dq_mode(head_dim, dtype) == "fused"
+    dkv_kernel = functools.partial(
+        plgpu.kernel,
+        functools.partial(_dkv_kernel, fuse_dq=fuse_dq, **common),
+        out_type=(
+            jax.ShapeDtypeStruct(k.shape, dtype),
+            jax.ShapeDtypeStruct(v.shape, dtype),
+        ),
+        scratch_types=(
+            row_tile(block_kv),
+            row_tile(block_kv),
+            ring_tile(block_q),
+            ring_tile(block_q),
+            plgpu.SMEM((num_slots, block_q), jnp.float32),
+            plgpu.SMEM((num_slots, block_q), jnp.float32),
+            staging(block_kv, block_q),
+            # dS^T for dQ = dS K (the "smem" path reuses the staging tile above).
+            plgpu.SMEM((NUM_COMPUTE_WGS, block_kv, block_q), dtype, transforms=transforms)
+            if fuse_dq and p_operand == "registers"
+            else None,
+            # fp32 dQ partials on their way to the TMA add-reduction.
+            plgpu.SMEM(
+                (NUM_COMPUTE_WGS, block_q, head_dim),
+                jnp.float32,
+                transforms=_mgpu.smem_transforms(jnp.float32),
+            )
+            if fuse_dq
+            else None,
+            plgpu.Barrier(num_barriers=2 * NUM_COMPUTE_WGS),
+            *_mgpu.ring_barriers(num_slots, 4, NUM_COMPUTE_WGS),
+        ),
+        grid=(num_kv_heads, kv_pad // (NUM_COMPUTE_WGS * block_kv), batch),
+        grid_names=("kv_heads", "kv_tiles", "batch"),
+        num_threads=NUM_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=compiler_params,
+    )
+    if fuse_dq:
+        # The kernel adds into dq_acc, a mutable ref (zeros, then every CTA's
+        # partials); XLA then reads it once to scale and cast it: 4 B/element
+        # memset + 4 B read + 2 B write. dK/dV stay kernel outputs, stored into
+        # refs only to leave run_state: inside shard_map, Mosaic kernels take no
+        # refs that vary over mesh axes, and a fresh zeros has no such axes.
+        def run(refs):
+            dq_acc_ref, dk_ref, dv_ref = refs
+            dk_ref[...], dv_ref[...] = dkv_kernel()(q, k, v, do, lse, delta, dq_acc_ref)
+
+        dq_acc, dk, dv = pl.run_state(run)(
+            tuple(jnp.zeros(x.shape, t) for x, t in ((q, jnp.float32), (k, dtype), (v, dtype)))
+        )
+        return (dq_acc * scale).astype(dtype), dk, dv
+
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, **common),
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
@@ -812,28 +1020,5 @@ def backward(
         thread_name="wg",
         compiler_params=compiler_params,
     )(q, k, v, do, lse, delta)
-
-    dk, dv = plgpu.kernel(
-        functools.partial(_dkv_kernel, **common),
-        out_type=(
-            jax.ShapeDtypeStruct(k.shape, dtype),
-            jax.ShapeDtypeStruct(v.shape, dtype),
-        ),
-        scratch_types=(
-            row_tile(block_kv),
-            row_tile(block_kv),
-            ring_tile(block_q),
-            ring_tile(block_q),
-            plgpu.SMEM((num_slots, block_q), jnp.float32),
-            plgpu.SMEM((num_slots, block_q), jnp.float32),
-            staging(block_kv, block_q),
-            plgpu.Barrier(num_barriers=2 * NUM_COMPUTE_WGS),
-            *_mgpu.ring_barriers(num_slots, 4, NUM_COMPUTE_WGS),
-        ),
-        grid=(num_kv_heads, kv_pad // (NUM_COMPUTE_WGS * block_kv), batch),
-        grid_names=("kv_heads", "kv_tiles", "batch"),
-        num_threads=NUM_COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=compiler_params,
-    )(q, k, v, do, lse, delta)
+    dk, dv = dkv_kernel()(q, k, v, do, lse, delta)
     return dq, dk, dv
