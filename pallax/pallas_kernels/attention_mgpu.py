@@ -720,7 +720,8 @@ def _dkv_kernel(
     ``2*bq*hd*4`` B (64 KiB at both) and, on the ``"registers"`` path, a dS^T
     tile ``2*bk*bq*2`` B (the ``"smem"`` path reuses its staging tile): hd 64:
     194 KiB (194); hd 128: 210 KiB (210), under 227. hd 256 would need 257 KiB
-    even without dQ and falls back to XLA.
+    even without dQ: it runs the head-dim-split kernels of
+    :mod:`pallax.pallas_kernels.attention_backward_wide_mgpu` instead.
     """
     if fuse_dq:
         dq_acc_ref, *refs = refs
