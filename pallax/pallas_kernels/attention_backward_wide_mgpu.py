@@ -74,8 +74,9 @@ from pallax.pallas_kernels.attention_mgpu import (
     AttentionConfig,
     Window,
     _accumulate,
-    _apply_mask,
     _block_range,
+    _softmax_grads,
+    _take_from_ring,
     _unmasked_kv_blocks,
     _unmasked_q_blocks,
 )
@@ -185,6 +186,7 @@ def _dq_kernel(
     k_loaded, v_loaded = loaded[:2], loaded[2:]
     k_consumed, v_consumed = consumed[:2], consumed[2:]
     dtype = q_ref.dtype
+    grads_of = dict(window=window, scale=scale, logits_soft_cap=logits_soft_cap)
 
     @pl.when(wg < NUM_COMPUTE_WGS)
     def _compute():
@@ -223,12 +225,8 @@ def _dq_kernel(
             )
             for barrier in v_consumed:
                 plgpu.barrier_arrive(barrier.at[slot])
-            s, squashed = _mgpu.base2_logits(s, scale, logits_soft_cap)
-            if masked:
-                s = _apply_mask(window, s, q_start, kv_step * block_kv)
-            p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
-            ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
-            ds = _mgpu.soft_cap_grad(ds, squashed)
+            mask_at = (q_start, kv_step * block_kv) if masked else None
+            _, ds = _softmax_grads(s, dp, lse, delta, **grads_of, mask_at=mask_at)
             (dq,) = _accumulate((dq,), ((ds, k_smem.at[wg, slot]),), staging_smem=ds_smem)
             for barrier in k_consumed:
                 plgpu.barrier_arrive(barrier.at[slot])
@@ -307,6 +305,7 @@ def _dkv_kernel(
     q_blocks = q_hi - q_lo
     num_steps = q_blocks * group
     dtype = q_ref.dtype
+    grads_of = dict(window=window, scale=scale, logits_soft_cap=logits_soft_cap)
     halves = range(NUM_COMPUTE_WGS)
     q_loaded, do_loaded, (lse_loaded,), (delta_loaded,) = (
         loaded[:2], loaded[2:4], loaded[4:5], loaded[5:]
@@ -347,18 +346,12 @@ def _dkv_kernel(
                 ([(k_smem.at[h], q_smem.at[h, slot].T) for h in halves], (block_kv, block_q)),
                 ([(v_smem.at[h], do_smem.at[h, slot].T) for h in halves], (block_kv, block_q)),
             )
-            s_t, squashed_t = _mgpu.base2_logits(s_t, scale, logits_soft_cap)
-            if masked:
-                s_t = _apply_mask(window, s_t, q_block * block_q, k_start, transposed=True)
-            plgpu.barrier_wait(lse_loaded.at[slot])
-            lse = plgpu.load(lse_smem.at[slot], layout=col_layout)
-            plgpu.barrier_arrive(lse_consumed.at[slot])
-            p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
-            plgpu.barrier_wait(delta_loaded.at[slot])
-            delta = plgpu.load(delta_smem.at[slot], layout=col_layout)
-            plgpu.barrier_arrive(delta_consumed.at[slot])
-            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
-            ds_t = _mgpu.soft_cap_grad(ds_t, squashed_t)
+            lse = _take_from_ring(lse_smem, lse_loaded, lse_consumed, slot, col_layout)
+            delta = _take_from_ring(delta_smem, delta_loaded, delta_consumed, slot, col_layout)
+            mask_at = (q_block * block_q, k_start) if masked else None
+            p_t, ds_t = _softmax_grads(
+                s_t, dp_t, lse, delta, **grads_of, mask_at=mask_at, transposed=True
+            )
             dv, dk = _accumulate(
                 (dv, dk),
                 ((p_t, do_smem.at[wg, slot]), (ds_t, q_smem.at[wg, slot])),

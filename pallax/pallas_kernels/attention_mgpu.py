@@ -276,6 +276,31 @@ class _InSmem:
     ref: object
 
 
+def _softmax_grads(s, dp, lse, delta, *, window, scale, logits_soft_cap, mask_at, transposed=False):
+    """P and dS of one tile from its raw logits ``s = q.k`` and ``dp = dO.v``.
+
+    ``lse`` and ``delta`` hold one value per query: per row, or per column with
+    ``transposed`` (the dK/dV kernels' tiles, rows = keys). ``mask_at``:
+    ``(q_start, k_start)`` of the tile when the window mask applies, else None.
+    dS is ``P * (dP - delta)``, times ``1 - tanh^2`` under a soft cap.
+    """
+    s, squashed = _mgpu.base2_logits(s, scale, logits_soft_cap)
+    if mask_at is not None:
+        s = _apply_mask(window, s, *mask_at, transposed=transposed)
+    query_axis = 1 if transposed else 0
+    p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [query_axis]))
+    ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [query_axis]))
+    return p, _mgpu.soft_cap_grad(ds, squashed)
+
+
+def _take_from_ring(smem, loaded, consumed, slot, layout):
+    """Waits for ``smem[slot]``, loads it into registers and releases the slot."""
+    plgpu.barrier_wait(loaded.at[slot])
+    value = plgpu.load(smem.at[slot], layout=layout)
+    plgpu.barrier_arrive(consumed.at[slot])
+    return value
+
+
 def _accumulate(accs, products, staging_smem=None, while_in_flight=None):
     """``acc + a @ b`` for each ``acc`` of ``accs`` and ``(a, b)`` of ``products``, on
     the tensor cores; each ``a`` a register array or an :class:`_InSmem` ref, each
@@ -596,6 +621,7 @@ def _dq_kernel(
     k_loaded, v_loaded = loaded
     k_consumed, v_consumed = consumed
     dtype = q_ref.dtype
+    grads_of = dict(window=window, scale=scale, logits_soft_cap=logits_soft_cap)
     head_dim = q_ref.shape[-1]
 
     @pl.when(wg < NUM_COMPUTE_WGS)
@@ -630,12 +656,8 @@ def _dq_kernel(
                 (do_smem, v_smem.at[slot].T, (block_q, block_kv)),
             )
             plgpu.barrier_arrive(v_consumed.at[slot])
-            s, squashed = _mgpu.base2_logits(s, scale, logits_soft_cap)
-            if masked:
-                s = _apply_mask(window, s, q_start, kv_step * block_kv)
-            p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
-            ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
-            ds = _mgpu.soft_cap_grad(ds, squashed)
+            mask_at = (q_start, kv_step * block_kv) if masked else None
+            _, ds = _softmax_grads(s, dp, lse, delta, **grads_of, mask_at=mask_at)
             (dq,) = _accumulate((dq,), ((ds, k_smem.at[slot]),), staging_smem=ds_smem)
             plgpu.barrier_arrive(k_consumed.at[slot])
             return dq
@@ -754,6 +776,7 @@ def _dkv_kernel(
     q_blocks = q_hi - q_lo
     num_steps = q_blocks * group
     dtype = q_ref.dtype
+    grads_of = dict(window=window, scale=scale, logits_soft_cap=logits_soft_cap)
     head_dim = q_ref.shape[-1]
 
     def head_and_block(step):
@@ -790,18 +813,12 @@ def _dkv_kernel(
                 (k_smem, q_smem.at[slot].T, (block_kv, block_q)),
                 (v_smem, do_smem.at[slot].T, (block_kv, block_q)),
             )
-            s_t, squashed_t = _mgpu.base2_logits(s_t, scale, logits_soft_cap)
-            if masked:
-                s_t = _apply_mask(window, s_t, q_block * block_q, k_start, transposed=True)
-            plgpu.barrier_wait(lse_loaded.at[slot])
-            lse = plgpu.load(lse_smem.at[slot], layout=col_layout)
-            plgpu.barrier_arrive(lse_consumed.at[slot])
-            p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
-            plgpu.barrier_wait(delta_loaded.at[slot])
-            delta = plgpu.load(delta_smem.at[slot], layout=col_layout)
-            plgpu.barrier_arrive(delta_consumed.at[slot])
-            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
-            ds_t = _mgpu.soft_cap_grad(ds_t, squashed_t)
+            lse = _take_from_ring(lse_smem, lse_loaded, lse_consumed, slot, col_layout)
+            delta = _take_from_ring(delta_smem, delta_loaded, delta_consumed, slot, col_layout)
+            mask_at = (q_block * block_q, k_start) if masked else None
+            p_t, ds_t = _softmax_grads(
+                s_t, dp_t, lse, delta, **grads_of, mask_at=mask_at, transposed=True
+            )
             if not fuse_dq:
                 # dV and dK: on the register path both wgmmas go out together, one wait.
                 dv, dk = _accumulate(
