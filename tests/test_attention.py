@@ -492,3 +492,31 @@ def test_dq_mode_falls_back_where_fused_cannot_run(monkeypatch):
         np.testing.assert_allclose(
             np.asarray(g, np.float32), np.asarray(g_ref, np.float32), atol=0.1, err_msg=name
         )
+
+
+def test_vmapped_fused_backward_equals_a_loop():
+    """vmap of the gradient (per-example gradients) through the fused backward: its
+    dQ accumulator is a run_state ref, which has no batching rule, so the mapped
+    axis is folded into the kernel's batch; keys are shared (unmapped)."""
+    q, k, v, do = random_qkv(10, 2, 64, 64, 2, 1, 64, jnp.bfloat16)
+    q2 = jnp.stack([q[0], q[1]])[:, None]  # [examples, batch 1, T, H, D]
+
+    def grads(q, k, v):
+        return jax.grad(
+            lambda q, k, v: jnp.sum(
+                dot_product_attention(q, k, v, is_causal=True, implementation="mosaic").astype(
+                    jnp.float32
+                )
+            ),
+            argnums=(0, 1),
+        )(q, k, v)
+
+    with testing.gpu_interpret():
+        assert AttentionConfig().resolved_dq_mode(64, jnp.bfloat16) == "fused"
+        vmapped = jax.jit(jax.vmap(grads, in_axes=(0, None, None)))(q2, k[:1], v[:1])
+        looped = [jax.jit(grads)(q2[i], k[:1], v[:1]) for i in range(2)]
+    for i in range(2):
+        for got, want in zip(vmapped, looped[i], strict=True):
+            np.testing.assert_allclose(
+                np.asarray(got[i], np.float32), np.asarray(want, np.float32), atol=2e-2
+            )

@@ -229,6 +229,20 @@ def test_split_k_reductions_match_the_reference(case, reduction):
     np.testing.assert_allclose(got, expected, atol=1e-2 * np.abs(expected).max())
 
 
+def test_vmapped_tma_add_matmul_equals_a_loop():
+    """Under vmap the in-kernel reduction (a run_state ref, no batching rule)
+    sums partials instead; the result equals the unmapped calls."""
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.standard_normal((3, 5, 512)), jnp.bfloat16)
+    qw = quantize(weights(512, 192), bits=4, group_size=128)
+    config = QuantMatmulConfig(k_splits=2, split_k_reduction="tma_add")
+    f = functools.partial(quantized_matmul, implementation="mosaic", config=config)
+    with testing.gpu_interpret():
+        vmapped = np.asarray(jax.jit(jax.vmap(f, in_axes=(0, None)))(x, qw), np.float32)
+        looped = [np.asarray(jax.jit(f)(x[i], qw), np.float32) for i in range(3)]
+    np.testing.assert_allclose(vmapped, np.stack(looped), rtol=0, atol=1e-2)
+
+
 def test_split_plan_fills_the_gpu_when_splits_cost_no_bytes():
     """(splits, blocks per split, slab width) of the swap kernel at M <= 16."""
 

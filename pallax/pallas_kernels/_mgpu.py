@@ -340,7 +340,50 @@ def split_k_output(
     """
     if splits == 1:
         return kernel_with(jax.ShapeDtypeStruct(shape, dtype))(*inputs)
-    if reduction == "partials":
+
+    def sum_partials(*inputs):
         partials = kernel_with(jax.ShapeDtypeStruct((splits, *shape), jnp.float32))(*inputs)
         return partials.sum(axis=0)
-    return run_with_accumulator(kernel_with(()), inputs, shape)
+
+    if reduction == "partials":
+        return sum_partials(*inputs)
+
+    @jax.custom_batching.custom_vmap
+    def reduce_in_kernel(*inputs):
+        return run_with_accumulator(kernel_with(()), inputs, shape)
+
+    @reduce_in_kernel.def_vmap
+    def _vmapped(axis_size, in_batched, *inputs):
+        # run_state (the accumulator ref) has no batching rule; plgpu.kernel has
+        # one (an extra grid axis), so a vmapped call sums partials instead.
+        in_axes = jax.tree.map(lambda batched: 0 if batched else None, list(in_batched))
+        return jax.vmap(sum_partials, in_axes=in_axes, axis_size=axis_size)(*inputs), True
+
+    return reduce_in_kernel(*inputs)
+
+
+def fold_vmap_into_batch(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, vmappable by folding the mapped axis into its batch dimension.
+
+    For kernels that reduce into a mutable ref (``pl.run_state``, which has no
+    batching rule): every array argument and result of ``fn`` must lead with
+    the same batch dimension. A vmapped call runs ``fn`` once on ``[n * B, ...]``
+    (unmapped arguments broadcast), so the kernel sees a larger grid.
+    """
+
+    @jax.custom_batching.custom_vmap
+    def folded(*args):
+        return fn(*args)
+
+    @folded.def_vmap
+    def _vmapped(axis_size, in_batched, *args):
+        def fold(x, batched):
+            x = x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+            return x.reshape(axis_size * x.shape[1], *x.shape[2:])
+
+        args = [fold(x, batched) for x, batched in zip(args, in_batched, strict=True)]
+        outs = folded(*args)  # itself, so nested vmaps fold again
+        outs = jax.tree.map(lambda y: y.reshape(axis_size, -1, *y.shape[1:]), outs)
+        return outs, jax.tree.map(lambda _: True, outs)
+
+    return folded

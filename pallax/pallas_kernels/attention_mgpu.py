@@ -971,10 +971,6 @@ def backward(
     dkv_kernel = functools.partial(
         plgpu.kernel,
         functools.partial(_dkv_kernel, fuse_dq=fuse_dq, **common),
-        out_type=(
-            jax.ShapeDtypeStruct(k.shape, dtype),
-            jax.ShapeDtypeStruct(v.shape, dtype),
-        ),
         scratch_types=(
             row_tile(block_kv),
             row_tile(block_kv),
@@ -998,25 +994,36 @@ def backward(
             plgpu.Barrier(num_barriers=2 * NUM_COMPUTE_WGS),
             *_mgpu.ring_barriers(num_slots, 4, NUM_COMPUTE_WGS),
         ),
-        grid=(num_kv_heads, kv_pad // (NUM_COMPUTE_WGS * block_kv), batch),
         grid_names=("kv_heads", "kv_tiles", "batch"),
         num_threads=NUM_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=compiler_params,
     )
+
+    def dkv(q, k, v, do, lse, delta, *dq_acc_ref):
+        """dK, dV (and, given ``dq_acc_ref``, dQ added into it) for ``k.shape[0]`` batch."""
+        return dkv_kernel(
+            out_type=(jax.ShapeDtypeStruct(k.shape, dtype),) * 2,
+            grid=(num_kv_heads, kv_pad // (NUM_COMPUTE_WGS * block_kv), k.shape[0]),
+        )(q, k, v, do, lse, delta, *dq_acc_ref)
+
     if fuse_dq:
         # The kernel adds into dq_acc, a mutable ref (zeros, then every CTA's
         # partials); XLA then reads it once to scale and cast it: 4 B/element
         # memset + 4 B read + 2 B write. dK/dV stay kernel outputs, stored into
         # refs only to leave run_state: inside shard_map, Mosaic kernels take no
         # refs that vary over mesh axes, and a fresh zeros has no such axes.
-        def run(refs):
-            dq_acc_ref, dk_ref, dv_ref = refs
-            dk_ref[...], dv_ref[...] = dkv_kernel()(q, k, v, do, lse, delta, dq_acc_ref)
+        # Under vmap the mapped axis joins the batch (run_state cannot batch).
+        @_mgpu.fold_vmap_into_batch
+        def fused(q, k, v, do, lse, delta):
+            def run(refs):
+                dq_acc_ref, dk_ref, dv_ref = refs
+                dk_ref[...], dv_ref[...] = dkv(q, k, v, do, lse, delta, dq_acc_ref)
 
-        dq_acc, dk, dv = pl.run_state(run)(
-            tuple(jnp.zeros(x.shape, t) for x, t in ((q, jnp.float32), (k, dtype), (v, dtype)))
-        )
+            zeros_like = ((q, jnp.float32), (k, dtype), (v, dtype))
+            return pl.run_state(run)(tuple(jnp.zeros(x.shape, t) for x, t in zeros_like))
+
+        dq_acc, dk, dv = fused(q, k, v, do, lse, delta)
         return (dq_acc * scale).astype(dtype), dk, dv
 
     dq = plgpu.kernel(
@@ -1038,5 +1045,5 @@ def backward(
         thread_name="wg",
         compiler_params=compiler_params,
     )(q, k, v, do, lse, delta)
-    dk, dv = dkv_kernel()(q, k, v, do, lse, delta)
+    dk, dv = dkv(q, k, v, do, lse, delta)
     return dq, dk, dv
