@@ -75,10 +75,13 @@ from pallax.pallas_kernels.attention_mgpu import (
     Window,
     _accumulate,
     _block_range,
+    _softmax_delta,
     _softmax_grads,
+    _staging_tile,
     _take_from_ring,
     _unmasked_kv_blocks,
     _unmasked_q_blocks,
+    _warp_specialized_kernel,
 )
 
 HEAD_DIM = 256
@@ -442,7 +445,7 @@ def backward(
     check_config(config, dtype, p_operand)
     num_slots = config.max_concurrent_steps_bwd
     transforms = _mgpu.smem_transforms(dtype)
-    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    delta = _softmax_delta(out, do)
     common = dict(
         window=window,
         config=config,
@@ -450,18 +453,13 @@ def backward(
         group=num_heads // num_kv_heads,
         logits_soft_cap=logits_soft_cap,
     )
-    compiler_params = plgpu.CompilerParams(approx_math=True)
     halves = lambda *shape: plgpu.SMEM(  # noqa: E731
         (NUM_COMPUTE_WGS, *shape, HALF), dtype, transforms=transforms
     )
-    staging = lambda rows, cols: (  # noqa: E731
-        None
-        if p_operand == "registers"
-        else plgpu.SMEM((NUM_COMPUTE_WGS, rows, cols), dtype, transforms=transforms)
-    )
+    staging = functools.partial(_staging_tile, p_operand, dtype=dtype)
     done = plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS)
 
-    dq = plgpu.kernel(
+    dq = _warp_specialized_kernel(
         functools.partial(_dq_kernel, **common),
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         scratch_types=(
@@ -477,12 +475,9 @@ def backward(
         ),
         grid=(num_heads, q_pad // block_q, batch),
         grid_names=("heads", "q_tiles", "batch"),
-        num_threads=NUM_COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=compiler_params,
     )(q, k, v, do, lse, delta)
 
-    dk, dv = plgpu.kernel(
+    dk, dv = _warp_specialized_kernel(
         functools.partial(_dkv_kernel, **common),
         out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
         scratch_types=(
@@ -499,8 +494,5 @@ def backward(
         ),
         grid=(num_kv_heads, kv_pad // block_kv, batch),
         grid_names=("kv_heads", "kv_tiles", "batch"),
-        num_threads=NUM_COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=compiler_params,
     )(q, k, v, do, lse, delta)
     return dq, dk, dv

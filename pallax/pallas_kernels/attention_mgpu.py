@@ -358,6 +358,32 @@ def _mma_pair(first, second):
     return pl.run_scoped(body, plgpu.ACC(shape0, jnp.float32), plgpu.ACC(shape1, jnp.float32))
 
 
+def _warp_specialized_kernel(body, **kwargs):
+    """``plgpu.kernel`` with the CTA every kernel here uses: ``NUM_COMPUTE_WGS``
+    compute warpgroups and one memory warpgroup (thread axis ``"wg"``), with
+    approximate exp2/tanh."""
+    return plgpu.kernel(
+        body,
+        num_threads=NUM_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **kwargs,
+    )
+
+
+def _staging_tile(p_operand: str, rows: int, cols: int, dtype):
+    """Per-warpgroup SMEM tile for an A operand computed in registers (P, dS, P^T,
+    dS^T), needed only on the ``"smem"`` path; None (allocates nothing) otherwise."""
+    if p_operand == "registers":
+        return None
+    return plgpu.SMEM((NUM_COMPUTE_WGS, rows, cols), dtype, transforms=_mgpu.smem_transforms(dtype))
+
+
+def _softmax_delta(out, do):
+    """``delta_i = sum_d o_id * do_id``, fp32 ``[B, H, T]`` (the layout of lse)."""
+    return jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+
+
 # ----------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------
@@ -537,7 +563,7 @@ def forward(
         group=num_heads // num_kv_heads,
         logits_soft_cap=logits_soft_cap,
     )
-    return plgpu.kernel(
+    return _warp_specialized_kernel(
         kernel,
         out_type=(
             jax.ShapeDtypeStruct(q.shape, dtype),
@@ -548,21 +574,13 @@ def forward(
             plgpu.SMEM((num_slots, config.block_kv, head_dim), dtype, transforms=transforms),
             plgpu.SMEM((num_slots, config.block_kv, head_dim), dtype, transforms=transforms),
             plgpu.SMEM((NUM_COMPUTE_WGS, config.block_q), jnp.float32),
-            # P staging tile, only on the "smem" path (None allocates nothing).
-            None
-            if p_operand == "registers"
-            else plgpu.SMEM(
-                (NUM_COMPUTE_WGS, config.block_q, config.block_kv), dtype, transforms=transforms
-            ),
+            _staging_tile(p_operand, config.block_q, config.block_kv, dtype),  # P
             plgpu.Barrier(num_barriers=NUM_COMPUTE_WGS),
             *_mgpu.ring_barriers(num_slots, 2, NUM_COMPUTE_WGS),
             plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),
         ),
         grid=(num_heads, q_pad // config.q_rows_per_cta, batch),
         grid_names=("heads", "q_tiles", "batch"),
-        num_threads=NUM_COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v)
 
 
@@ -946,30 +964,23 @@ def backward(
     assert kv_pad % (NUM_COMPUTE_WGS * block_kv) == 0
     num_slots = config.max_concurrent_steps_bwd
     transforms = _mgpu.smem_transforms(dtype)
-    # delta_i = sum_d o_id * do_id, in the same [B, H, T] layout as lse.
-    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    delta = _softmax_delta(out, do)
     common = dict(
         window=window, config=config, scale=scale, group=group, logits_soft_cap=logits_soft_cap
     )
-    compiler_params = plgpu.CompilerParams(approx_math=True)
     row_tile = lambda rows: plgpu.SMEM(  # noqa: E731
         (NUM_COMPUTE_WGS, rows, head_dim), dtype, transforms=transforms
     )
-    # Staging tile for the A operands computed in registers (ds in dQ; p^T then
-    # ds^T in dK/dV), only on the "smem" path (None allocates nothing).
+    # Staging tiles (ds in dQ; p^T then ds^T in dK/dV) on the "smem" path only.
     p_operand = config.resolved_p_operand()
-    staging = lambda rows, cols: (  # noqa: E731
-        None
-        if p_operand == "registers"
-        else plgpu.SMEM((NUM_COMPUTE_WGS, rows, cols), dtype, transforms=transforms)
-    )
+    staging = functools.partial(_staging_tile, p_operand, dtype=dtype)
     ring_tile = lambda rows: plgpu.SMEM(  # noqa: E731
         (num_slots, rows, head_dim), dtype, transforms=transforms
     )
 
     fuse_dq = config.resolved_dq_mode(head_dim, dtype) == "fused"
     dkv_kernel = functools.partial(
-        plgpu.kernel,
+        _warp_specialized_kernel,
         functools.partial(_dkv_kernel, fuse_dq=fuse_dq, **common),
         scratch_types=(
             row_tile(block_kv),
@@ -995,9 +1006,6 @@ def backward(
             *_mgpu.ring_barriers(num_slots, 4, NUM_COMPUTE_WGS),
         ),
         grid_names=("kv_heads", "kv_tiles", "batch"),
-        num_threads=NUM_COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=compiler_params,
     )
 
     def dkv(q, k, v, do, lse, delta, *dq_acc_ref):
@@ -1026,7 +1034,7 @@ def backward(
         dq_acc, dk, dv = fused(q, k, v, do, lse, delta)
         return (dq_acc * scale).astype(dtype), dk, dv
 
-    dq = plgpu.kernel(
+    dq = _warp_specialized_kernel(
         functools.partial(_dq_kernel, **common),
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         scratch_types=(
@@ -1041,9 +1049,6 @@ def backward(
         ),
         grid=(num_heads, q_pad // (NUM_COMPUTE_WGS * block_q), batch),
         grid_names=("heads", "q_tiles", "batch"),
-        num_threads=NUM_COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=compiler_params,
     )(q, k, v, do, lse, delta)
     dk, dv = dkv(q, k, v, do, lse, delta)
     return dq, dk, dv
