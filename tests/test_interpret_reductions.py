@@ -19,14 +19,23 @@ from jax import lax
 from pallax import testing
 
 
-def _reduce_into(x, acc, reduction_op):
-    """``acc <- reduce(acc, x[0], ..., x[n-1])``, one CTA per ``x[i]``, via TMA."""
+def _reduce_into(x, acc, reduction_op, plain_ctas=()):
+    """``acc[8:72] <- reduce(acc[8:72], x[0], ..., x[n-1])``, one CTA per ``x[i]``, via
+    TMA; the CTAs in ``plain_ctas`` store ``x[i]`` plainly instead (racing the rest)."""
 
     def body(x_ref, acc_ref, smem, barrier):
         i = lax.axis_index("i")
         plgpu.copy_gmem_to_smem(x_ref.at[i], smem, barrier)
         plgpu.barrier_wait(barrier)
-        plgpu.copy_smem_to_gmem(smem, acc_ref.at[pl.ds(8, 64)], reduction_op=reduction_op)
+        window = acc_ref.at[pl.ds(8, 64)]
+        if not plain_ctas:
+            plgpu.copy_smem_to_gmem(smem, window, reduction_op=reduction_op)
+        else:
+            plain = functools.reduce(jnp.logical_or, [i == c for c in plain_ctas])
+            pl.when(plain)(lambda: plgpu.copy_smem_to_gmem(smem, window))
+            pl.when(jnp.logical_not(plain))(
+                lambda: plgpu.copy_smem_to_gmem(smem, window, reduction_op=reduction_op)
+            )
         plgpu.wait_smem_to_gmem(0)
 
     def run(refs):
@@ -75,45 +84,13 @@ def test_unsimulated_reduction_is_named():
         jax.block_until_ready(jax.jit(lambda x, a: _reduce_into(x, a, "xor"))(x, acc))
 
 
-def _reduce_or_store(x, acc, plain_ctas):
-    """CTA ``i`` adds ``x[i]`` into ``acc[8:72]`` by TMA (a plain store if ``i in plain_ctas``)."""
-
-    def body(x_ref, acc_ref, smem, barrier):
-        i = lax.axis_index("i")
-        plgpu.copy_gmem_to_smem(x_ref.at[i], smem, barrier)
-        plgpu.barrier_wait(barrier)
-        plain = functools.reduce(jnp.logical_or, [i == c for c in plain_ctas], jnp.bool_(False))
-
-        @pl.when(plain)
-        def _():
-            plgpu.copy_smem_to_gmem(smem, acc_ref.at[pl.ds(8, 64)])
-
-        @pl.when(jnp.logical_not(plain))
-        def _():
-            plgpu.copy_smem_to_gmem(smem, acc_ref.at[pl.ds(8, 64)], reduction_op="add")
-
-        plgpu.wait_smem_to_gmem(0)
-
-    def run(refs):
-        x_ref, acc_ref = refs
-        plgpu.kernel(
-            body,
-            out_type=(),
-            scratch_types=(plgpu.SMEM(x.shape[1:], x.dtype), plgpu.Barrier()),
-            grid=(x.shape[0],),
-            grid_names=("i",),
-        )(x_ref, acc_ref)
-
-    return pl.run_state(run)((x, acc))[1]
-
-
 @pytest.mark.parametrize("plain_ctas, racy", [((), False), ((1,), True)])
 def test_race_detection_knows_reductions_are_atomic(plain_ctas, racy):
     """Reductions into one tile from unsynchronised CTAs are no race (split-K
     relies on it); a plain store into the tile alongside them is."""
     x = jax.random.normal(jax.random.key(2), (3, 64, 128), jnp.float32)
     acc = jnp.zeros((80, 128), jnp.float32)
-    fn = jax.jit(functools.partial(_reduce_or_store, plain_ctas=plain_ctas))
+    fn = jax.jit(functools.partial(_reduce_into, reduction_op="add", plain_ctas=plain_ctas))
     with testing.gpu_interpret(detect_races=True):
         out = np.asarray(fn(x, acc))
     assert testing.races_detected() == racy

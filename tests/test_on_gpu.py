@@ -37,6 +37,29 @@ def relative_error(got, expected):
     return np.linalg.norm(got - expected) / max(np.linalg.norm(expected), 1e-30)
 
 
+def assert_attention_matches_xla(q, k, v, do, config=None, **attention_kwargs):
+    """Mosaic's forward and gradients of ``sum(out * do)`` against XLA's in fp32."""
+
+    def loss(q, k, v, implementation):
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            implementation=implementation,
+            config=config if implementation == "mosaic" else None,
+            **attention_kwargs,
+        )
+        return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)), out
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    (dq, dk, dv), out = grad(q, k, v, "mosaic")
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    (dq_ref, dk_ref, dv_ref), out_ref = grad(*f32, "xla")
+    assert relative_error(out, out_ref) < 1e-2
+    for got, expected in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
+        assert relative_error(got, expected) < 2e-2
+
+
 @pytest.mark.parametrize(
     "seq, heads, kv_heads, head_dim, causal, window",
     [
@@ -48,25 +71,7 @@ def relative_error(got, expected):
 )
 def test_attention_forward_and_backward(seq, heads, kv_heads, head_dim, causal, window):
     q, k, v, do = random_qkv(0, 2, seq, seq, heads, kv_heads, head_dim, jnp.bfloat16)
-
-    def loss(q, k, v, implementation):
-        out = dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=causal,
-            local_window_size=window,
-            implementation=implementation,
-        )
-        return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)), out
-
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
-    (dq, dk, dv), out = grad(q, k, v, "mosaic")
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    (dq_ref, dk_ref, dv_ref), out_ref = grad(*f32, "xla")
-    assert relative_error(out, out_ref) < 1e-2
-    for got, expected in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
-        assert relative_error(got, expected) < 2e-2
+    assert_attention_matches_xla(q, k, v, do, is_causal=causal, local_window_size=window)
 
 
 @pytest.mark.parametrize(
@@ -76,26 +81,9 @@ def test_soft_capped_attention_forward_and_backward(head_dim, window):
     """Gemma 2's logit soft cap: scale 1 makes logits ~sqrt(head_dim) against a cap of 5."""
     q, k, v, do = random_qkv(3, 1, 2048, 2048, 8, 4, head_dim, jnp.bfloat16)
 
-    def loss(q, k, v, implementation):
-        out = dot_product_attention(
-            q,
-            k,
-            v,
-            scale=1.0,
-            is_causal=True,
-            local_window_size=window,
-            logits_soft_cap=5.0,
-            implementation=implementation,
-        )
-        return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)), out
-
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
-    (dq, dk, dv), out = grad(q, k, v, "mosaic")
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    (dq_ref, dk_ref, dv_ref), out_ref = grad(*f32, "xla")
-    assert relative_error(out, out_ref) < 1e-2
-    for got, expected in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
-        assert relative_error(got, expected) < 2e-2
+    assert_attention_matches_xla(
+        q, k, v, do, scale=1.0, is_causal=True, local_window_size=window, logits_soft_cap=5.0
+    )
 
 
 @pytest.mark.parametrize("p_operand", ["registers", "smem"])
@@ -112,26 +100,9 @@ def test_attention_operand_paths(p_operand, head_dim, window, cap):
     q, k, v, do = random_qkv(4, 1, 1536, 1536, 8, 2, head_dim, jnp.bfloat16)
     config = dataclasses.replace(AttentionConfig.for_head_dim(head_dim), p_operand=p_operand)
 
-    def loss(q, k, v, implementation):
-        out = dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=True,
-            local_window_size=window,
-            logits_soft_cap=cap,
-            implementation=implementation,
-            config=config if implementation == "mosaic" else None,
-        )
-        return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)), out
-
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
-    (dq, dk, dv), out = grad(q, k, v, "mosaic")
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    (dq_ref, dk_ref, dv_ref), out_ref = grad(*f32, "xla")
-    assert relative_error(out, out_ref) < 1e-2
-    for got, expected in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
-        assert relative_error(got, expected) < 2e-2
+    assert_attention_matches_xla(
+        q, k, v, do, config=config, is_causal=True, local_window_size=window, logits_soft_cap=cap
+    )
 
 
 @pytest.mark.parametrize("rolling", [False, True])
